@@ -1,0 +1,32 @@
+# fl-sim — `make run` (the main job on the embedded default) and `make test` (the test suite).
+# Both create .venv on first use (about 2 minutes and 6 GB: torch and flwr[simulation]).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fl-sim-installed
+ARGS ?=
+
+.PHONY: run test venv flwr-run bench clean-runs
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/fl-sim run $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# The same apps through Flower's own CLI (a local SuperLink with the simulation runtime). Flower would otherwise
+# `uv sync` the dependencies into a fresh environment for every run; the SuperLink it starts is stopped afterwards.
+flwr-run: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 \
+	  FLWR_HOME="$(CURDIR)/.flwr-home" $(BIN)/python scripts/flwr_run_local.py $(ARGS)
+
+bench: $(STAMP)
+	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done

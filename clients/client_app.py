@@ -1,0 +1,94 @@
+"""The Flower ClientApp: local training with a defense, and federated evaluation.
+
+Each SuperNode's ``node_config`` gives its ``partition-id`` and ``num-partitions``; the run config (identical on
+server and clients) gives the dataset, model, defense and seeds. A train reply carries exactly one ArrayRecord (the
+local model after training; defenses such as FedKL replace their secret tensors before it is built) and one
+MetricRecord (``num-examples``, ``train-loss``, ``train-time-s``, ``defense-time-s``), plus two ConfigRecords:
+``meta`` (the partition id, i.e. the client's identity as the server knows it) and, when ``audit=true``, ``audit``
+(indices of the samples used) which the server hands only to the evaluator, never to the attacker.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.defenses import DEFENSES
+from clients.training import local_train
+from fl_sim.config import resolve
+from fl_sim.data import iid_partition, load_dataset, partitions
+from fl_sim.models import build_model, evaluate
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=4)
+def _config(items: tuple) -> dict:
+    return resolve(dict(items))
+
+
+def _setup(context: Context) -> tuple[dict, int, int, torch.device]:
+    cfg = _config(tuple(sorted(context.run_config.items())))
+    pid = int(context.node_config["partition-id"])
+    nparts = int(context.node_config["num-partitions"])
+    torch.set_num_threads(max(1, int(float(cfg["client-num-cpus"]))))
+    use_cuda = float(cfg["client-num-gpus"]) > 0 and torch.cuda.is_available()
+    return cfg, pid, nparts, torch.device("cuda" if use_cuda else "cpu")
+
+
+def client_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """A 32-bit seed specific to one client and round, derived from the run's seed."""
+    return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this client's partition and reply with the (defended) local model."""
+    cfg, pid, nparts, device = _setup(context)
+    data = load_dataset(str(cfg["dataset"]), str(cfg["data-dir"]))
+    part = partitions(data.name, str(cfg["data-dir"]), nparts, str(cfg["partition"]), float(cfg["dirichlet-alpha"]),
+                      int(cfg["seed"]))[pid]
+    model = build_model(str(cfg["model"]), data.input_shape, data.num_classes)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.to(device)
+    defense = DEFENSES[str(cfg["defense"])]
+    if defense.on_model is not None:
+        defense.on_model(model, context.state, cfg)
+    train_cfg = dict(msg.content["config"])
+    rnd = int(train_cfg.get("server-round", 0))
+    res = local_train(model, data, part, train_cfg, cfg, defense, context.state, client_seed(int(cfg["seed"]), rnd, pid),
+                      device)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if defense.on_reply is not None:
+        state = defense.on_reply(state, context.state, cfg)
+    metrics = {"num-examples": res.num_examples, "train-loss": res.loss, "train-time-s": res.train_time_s,
+               "defense-time-s": res.defense_time_s, **res.defense_info}
+    content = RecordDict({
+        "arrays": ArrayRecord(state),
+        "metrics": MetricRecord(metrics),
+        "meta": ConfigRecord({"partition-id": pid}),
+    })
+    if cfg["audit"]:
+        content["audit"] = ConfigRecord({"partition-id": pid, "sample-indices": res.sample_indices})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_fn(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on this client's share of the test split (IID, by partition id)."""
+    cfg, pid, nparts, device = _setup(context)
+    data = load_dataset(str(cfg["dataset"]), str(cfg["data-dir"]))
+    idx = iid_partition(len(data.y_test), nparts, int(cfg["seed"]))[pid]
+    model = build_model(str(cfg["model"]), data.input_shape, data.num_classes)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.to(device)
+    defense = DEFENSES[str(cfg["defense"])]
+    if defense.on_model is not None:
+        defense.on_model(model, context.state, cfg)
+    loss, acc = evaluate(model, data.x_test[idx], data.y_test[idx], data.mean, data.std, device)
+    metrics = MetricRecord({"num-examples": len(idx), "eval-loss": loss, "eval-acc": acc})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

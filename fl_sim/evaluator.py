@@ -1,0 +1,57 @@
+"""The evaluator: scores a reconstruction against the client's true batch.
+
+It is the only component that sees ground truth. The truth reaches it through the ``audit`` record a client adds
+to its reply (the partition id and the indices of the samples it trained on), which the server strategy strips
+from the reply before it builds the attacker's :class:`~attacker.payload.AttackPayload`. The evaluator rebuilds the
+images from the dataset the run uses, de-normalises the reconstruction to [0, 1] and calls
+:func:`attacker.metrics.score` (Hungarian matching, MSE/PSNR/SSIM with scikit-image, label accuracy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from attacker.metrics import match, score
+from attacker.payload import AttackResult
+from fl_sim.data import Dataset, denormalize
+
+
+def truth_from_audit(data: Dataset, audit: Mapping[str, Any], limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The true images and labels named by an audit record.
+
+    Args:
+        data: the run's dataset.
+        audit: ``{"sample-indices": [...]}`` as the client reported it (indices into ``data.x_train``, in order of
+            use; duplicates are removed keeping the first use).
+        limit: keep only the first ``limit`` distinct samples (``None`` = all).
+
+    Returns:
+        ``float32 (N, C, H, W)`` images in [0, 1] and ``int64 (N,)`` labels.
+    """
+    idx = list(dict.fromkeys(int(i) for i in audit["sample-indices"]))
+    if limit is not None:
+        idx = idx[:limit]
+    images = data.x_train[idx].astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    return images, data.y_train[idx]
+
+
+def score_reconstruction(data: Dataset, result: AttackResult, audit: Mapping[str, Any]) -> dict[str, Any]:
+    """Score ``result`` against the samples named in ``audit``.
+
+    Returns:
+        ``psnr``, ``ssim``, ``mse``, ``label_accuracy`` (see :func:`attacker.metrics.score`), plus
+        ``reconstruction`` and ``truth`` — ``float32 (B, C, H, W)`` arrays in [0, 1], the truth reordered to match
+        the reconstruction — for figures.
+    """
+    truth, labels = truth_from_audit(data, audit)
+    rec = denormalize(result.images.detach().float().cpu(), data.mean, data.std).numpy()
+    scores = score(rec, truth, result.labels.cpu().numpy(), labels)
+    ri, ti = match(rec, truth)
+    scores["reconstruction"] = rec[ri]
+    scores["truth"] = truth[ti]
+    scores["true_labels"] = labels[ti].tolist()
+    scores["labels"] = result.labels.cpu().numpy()[ri].tolist()
+    return scores

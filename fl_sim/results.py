@@ -1,0 +1,188 @@
+"""The run directory: what a run writes, round by round, so nothing is lost when it stops early.
+
+Layout::
+
+    RUN_DIR/
+      config.toml        the resolved run config (every key)
+      metrics.jsonl      one JSON object per round (appended and flushed as each round ends)
+      attacks/round_NNNN.png   truth (top row) above reconstruction (bottom row), per attacked round
+      accuracy.png       test accuracy (and attack PSNR) against round
+      report.md          a human-readable summary linking the figures
+      summary.json       final_accuracy (0–1), rounds, wall_time_s, attacks [...], and more
+
+A ``metrics.jsonl`` line holds ``round``, ``lr``, ``accuracy``, ``loss`` (central test set; ``null`` when not
+evaluated that round), ``round_time_s`` (client phase + aggregation, attacks and evaluation excluded),
+``clients`` (per client: ``partition_id``, ``num_examples``, ``train_loss``, ``train_time_s``, ``defense_time_s``),
+``failures`` (replies dropped, with reasons) and ``attacks`` (per attack: ``round``, ``client``, ``attack``,
+``psnr``, ``ssim``, ``mse``, ``label_accuracy``, ``time_s``, ``iterations``, ``image``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def default_run_name(cfg: Mapping[str, Any]) -> str:
+    """``YYYYmmdd-HHMMSS-<dataset>-<model>-<defense>-<attack>``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{cfg['dataset']}-{cfg['model']}-{cfg['defense']}-{cfg['attack']}"
+
+
+def run_dir_for(cfg: Mapping[str, Any]) -> Path:
+    """The run directory a config names: ``out-dir / run-name`` (absolute)."""
+    name = str(cfg["run-name"]) or default_run_name(cfg)
+    return (Path(str(cfg["out-dir"])).expanduser() / name).resolve()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The rounds recorded in ``run_dir/metrics.jsonl`` (a torn last line, from a crash, is ignored)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _finite(x: Any) -> Any:
+    """JSON-safe value: NaN/inf floats become ``None``; numpy scalars become Python scalars."""
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+class RunRecorder:
+    """Writes one run directory (see the module docstring).
+
+    Args:
+        run_dir: the directory; created if missing.
+        cfg: the resolved config, written to ``config.toml`` at once.
+    """
+
+    def __init__(self, run_dir: Path, cfg: Mapping[str, Any]):
+        import tomli_w
+
+        self.run_dir = Path(run_dir)
+        (self.run_dir / "attacks").mkdir(parents=True, exist_ok=True)
+        self.cfg = dict(cfg)
+        atomic_write_text(self.run_dir / "config.toml", tomli_w.dumps(self.cfg))
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+
+    def log_round(self, record: Mapping[str, Any]) -> None:
+        """Append one round's record to ``metrics.jsonl`` and flush it to disk."""
+        self._metrics.write(json.dumps(_finite(dict(record))) + "\n")
+        self._metrics.flush()
+        os.fsync(self._metrics.fileno())
+
+    def save_attack_figure(self, server_round: int, truth: np.ndarray, reconstruction: np.ndarray,
+                           title: str, labels: list[int] | None = None, true_labels: list[int] | None = None) -> str:
+        """Save truth (top) above reconstruction (bottom) as ``attacks/round_NNNN.png``; return the relative path.
+
+        Args:
+            truth, reconstruction: ``float (B, C, H, W)`` in [0, 1], already matched pairwise.
+        """
+        rel = f"attacks/round_{server_round:04d}.png"
+        save_pair_figure(self.run_dir / rel, truth, reconstruction, title, labels, true_labels)
+        return rel
+
+    def close(self) -> None:
+        """Close ``metrics.jsonl``."""
+        if not self._metrics.closed:
+            self._metrics.close()
+
+
+def save_pair_figure(path: Path, truth: np.ndarray, reconstruction: np.ndarray, title: str,
+                     labels: list[int] | None = None, true_labels: list[int] | None = None, max_cols: int = 8) -> None:
+    """A two-row PNG: true images on top, their matched reconstructions below (at most ``max_cols`` pairs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(len(truth), len(reconstruction), max_cols)
+    import textwrap
+
+    fig, axes = plt.subplots(2, n, figsize=(max(3.4, 1.6 * n + 0.4), 3.9), squeeze=False)
+    for j in range(n):
+        for row, (imgs, lab, name) in enumerate(((truth, true_labels, "truth"), (reconstruction, labels, "recon."))):
+            img = np.clip(imgs[j], 0, 1)
+            ax = axes[row][j]
+            if img.shape[0] == 1:
+                ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(img.transpose(1, 2, 0))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if lab is not None:
+                ax.set_title(f"{name} y={lab[j]}", fontsize=7)
+    fig.suptitle("\n".join(textwrap.wrap(title, width=max(40, 22 * n))), fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summarize(records: list[dict[str, Any]], cfg: Mapping[str, Any], wall_time_s: float | None,
+              status: str) -> dict[str, Any]:
+    """Build ``summary.json``'s content from the per-round records.
+
+    Fields: ``status`` (``completed``/``interrupted``/``failed``), ``rounds`` (rounds recorded), ``final_accuracy``
+    and ``final_loss`` (last evaluated round), ``best_accuracy``, ``wall_time_s``, ``mean_round_time_s`` (ART's
+    numerator), ``mean_train_time_s``, ``mean_defense_time_s``, ``attacks`` (every attack record),
+    ``attack_means`` (mean psnr/ssim/mse/label_accuracy/time_s over attacks), and the key settings.
+    """
+    evaluated = [r for r in records if r.get("accuracy") is not None]
+    attacks = [a for r in records for a in r.get("attacks", [])]
+    clients = [c for r in records for c in r.get("clients", [])]
+
+    def mean(xs: list[float]) -> float | None:
+        xs = [x for x in xs if x is not None]
+        return float(np.mean(xs)) if xs else None
+
+    summary = {
+        "status": status,
+        "rounds": len(records),
+        "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
+        "final_loss": evaluated[-1]["loss"] if evaluated else None,
+        "best_accuracy": max((r["accuracy"] for r in evaluated), default=None),
+        "wall_time_s": wall_time_s,
+        "mean_round_time_s": mean([r.get("round_time_s") for r in records]),
+        "mean_train_time_s": mean([c.get("train_time_s") for c in clients]),
+        "mean_defense_time_s": mean([c.get("defense_time_s") for c in clients]),
+        "attacks": attacks,
+        "attack_means": {k: mean([a.get(k) for a in attacks]) for k in
+                         ("psnr", "ssim", "mse", "label_accuracy", "time_s")} if attacks else {},
+        "settings": {k: cfg[k] for k in ("dataset", "model", "mode", "batch-size", "lr", "num-supernodes",
+                                         "num-server-rounds", "defense", "attack", "seed") if k in cfg},
+    }
+    return _finite(summary)
+
+
+def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> None:
+    """Write ``summary.json`` atomically."""
+    atomic_write_text(Path(run_dir) / "summary.json", json.dumps(_finite(dict(summary)), indent=2))

@@ -1,0 +1,126 @@
+"""Run the fl-sim ServerApp and ClientApp in-process on Flower's Simulation Engine (Ray backend).
+
+``fl-sim run`` is the in-process twin of ``flwr run . local``: the same apps, the same run-config keys, the same
+``context.run_config`` on server and clients. Flower's public ``run_simulation`` passes no run config (its
+``context.run_config`` is empty), so this module calls the engine the way ``flwr run``'s simulation process does
+(``flwr.simulation.run_simulation._run_simulation`` with an app directory whose ``pyproject.toml`` carries the
+resolved config), which is why flwr is pinned to 1.41.0. A test runs a 2-client simulation end to end.
+
+Ctrl-C: the ServerApp stops after the current round (everything written so far is kept, ``summary.json`` says
+``interrupted``); Ray is shut down before :func:`run` returns, so no process is left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from fl_sim.config import pyproject_block
+
+#: Set to ask a running in-process simulation to stop (the ServerApp stops waiting and ends the run).
+STOP = threading.Event()
+
+#: The minimal Flower app metadata the engine validates; the config block is appended per run.
+APP_PYPROJECT = """[project]
+name = "fl-sim-inprocess"
+version = "0.0.0"
+
+[tool.flwr.app]
+publisher = "fl-sim"
+
+[tool.flwr.app.components]
+serverapp = "strategies.server_app:app"
+clientapp = "clients.client_app:app"
+
+"""
+
+
+def backend_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Flower's Ray backend config: per-client resources from the run config, Ray sized to this machine."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    return {
+        "client_resources": {"num_cpus": float(cfg["client-num-cpus"]), "num_gpus": float(cfg["client-num-gpus"])},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "num_gpus": gpus, "include_dashboard": False,
+                      "logging_level": "error", "log_to_driver": True},
+    }
+
+
+def quiet_flower(verbose: bool) -> None:
+    """Keep Flower's per-round INFO logs (``verbose``) or show only its warnings and errors."""
+    logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def run(cfg: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None,
+        verbose: bool = False) -> Path:
+    """Simulate the federation described by the resolved config ``cfg``; return the run directory.
+
+    Args:
+        cfg: a resolved config (:func:`fl_sim.config.resolve`), already checked by
+            :func:`fl_sim.config.check_feasible`.
+        on_round: optional callback after each round (the round's record), e.g. a progress bar.
+        verbose: keep Flower's INFO logging.
+
+    Raises:
+        RuntimeError: the simulation engine failed (the run directory keeps what was written).
+    """
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    from flwr.app import Context, RecordDict
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    from clients.client_app import app as client_app
+    from strategies.server_app import run_server
+
+    quiet_flower(verbose)
+    STOP.clear()
+    out: dict[str, Path] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        out["run_dir"] = run_server(grid, cfg, on_round=on_round, stop=STOP.is_set)
+
+    with tempfile.TemporaryDirectory(prefix="fl-sim-app-") as app_dir:
+        Path(app_dir, "pyproject.toml").write_text(APP_PYPROJECT + pyproject_block(cfg))
+        context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(cfg))
+        try:
+            _run_simulation(
+                num_supernodes=int(cfg["num-supernodes"]),
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                client_app=client_app,
+                server_app=server_app,
+                backend_name="ray",
+                backend_config=backend_config(cfg),
+                server_app_context=context,
+                app_dir=app_dir,
+                is_app=True,
+                verbose_logging=verbose,
+            )
+        except BaseException:
+            STOP.set()  # the ServerApp thread stops waiting for replies that will not come
+            raise
+        finally:
+            _shutdown_ray()
+    if "run_dir" not in out:
+        raise RuntimeError("the simulation ended before the ServerApp finished; see the log above")
+    return out["run_dir"]
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # pragma: no cover - best effort on the way out
+        pass

@@ -1,0 +1,156 @@
+"""The Flower ServerApp: FedAvg with an honest-but-curious attacker, central evaluation, and the run directory.
+
+``flwr run .`` loads :data:`app`; ``fl-sim run`` runs the same :func:`run_server` in-process on Flower's
+simulation engine. Both read every setting from the run config (``context.run_config``).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Message
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from fl_sim.config import ConfigError, resolve
+from fl_sim.data import load_dataset
+from fl_sim.models import build_model
+from fl_sim.report import write_run_report
+from fl_sim.results import RunRecorder, read_metrics, run_dir_for, summarize, write_summary
+from strategies.strategy import CuriousFedAvg, train_config
+
+app = ServerApp()
+
+
+class StoppableGrid(Grid):
+    """A Grid whose ``send_and_receive`` also returns early (raising ``KeyboardInterrupt``) when ``stop()`` is true.
+
+    Flower's in-memory Grid waits the full timeout for replies that will never come once the simulation engine
+    has stopped; this wrapper lets Ctrl-C and engine failures end the ServerApp within ``poll_s`` seconds.
+    Every other call is delegated to the wrapped Grid.
+    """
+
+    def __init__(self, grid: Grid, stop: Callable[[], bool], poll_s: float = 0.05):
+        self.grid, self.stop, self.poll_s = grid, stop, poll_s
+
+    def set_run(self, run: Any) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        pending = set(self.push_messages(messages))
+        end = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        replies: list[Message] = []
+        while pending and time.monotonic() < end:
+            if self.stop():
+                raise KeyboardInterrupt("stop requested")
+            got = list(self.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if pending:
+                time.sleep(self.poll_s)
+        return replies
+
+
+def wait_for_nodes(grid: Grid, n: int, timeout_s: float, poll_s: float = 0.2) -> None:
+    """Block until ``n`` nodes are connected.
+
+    Raises:
+        TimeoutError: fewer than ``n`` nodes after ``timeout_s`` seconds (Flower itself would wait forever).
+    """
+    start = time.monotonic()
+    while True:
+        have = len(list(grid.get_node_ids()))
+        if have >= n:
+            return
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(
+                f"only {have} of num-supernodes={n} clients connected within node-timeout={timeout_s:g} s"
+            )
+        time.sleep(poll_s)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random`` (FedAvg's node sampling), NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_run_dir(cfg: Mapping[str, Any]) -> Path:
+    """The run directory for ``cfg``; refuses one that already holds results (nothing is ever overwritten).
+
+    Raises:
+        ConfigError: the directory already has ``metrics.jsonl`` or ``summary.json``.
+    """
+    run_dir = run_dir_for(cfg)
+    if (run_dir / "metrics.jsonl").exists() or (run_dir / "summary.json").exists():
+        raise ConfigError(f"run directory {run_dir} already holds results; choose another --out or run-name")
+    return run_dir
+
+
+def run_server(grid: Grid, cfg: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None,
+               stop: Callable[[], bool] | None = None) -> Path:
+    """Run the whole federation from the server side and write the run directory.
+
+    Args:
+        grid: Flower's Grid.
+        cfg: the resolved run config.
+        on_round: optional callback after each round (given the round's record).
+        stop: optional callable; when it returns True the run ends after the current round (status
+            ``interrupted``), keeping everything written so far.
+
+    Returns:
+        The run directory.
+    """
+    if stop is not None:
+        grid = StoppableGrid(grid, stop)
+    seed_everything(int(cfg["seed"]))
+    data = load_dataset(str(cfg["dataset"]), str(cfg["data-dir"]))
+    run_dir = prepare_run_dir(cfg)
+    recorder = RunRecorder(run_dir, cfg)
+    log(INFO, "fl-sim: writing results to %s", run_dir)
+    start, status = time.time(), "failed"
+    try:
+        wait_for_nodes(grid, int(cfg["num-supernodes"]), float(cfg["node-timeout"]))
+        model = build_model(str(cfg["model"]), data.input_shape, data.num_classes)
+        strategy = CuriousFedAvg(cfg, data, recorder, on_round=on_round, stop=stop)
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
+                       num_rounds=int(cfg["num-server-rounds"]), timeout=float(cfg["round-timeout"]),
+                       train_config=train_config(cfg), evaluate_fn=strategy.evaluate_round)
+        status = "completed"
+    except KeyboardInterrupt:
+        status = "interrupted"
+    finally:
+        recorder.close()
+        write_summary(run_dir, summarize(read_metrics(run_dir), cfg, time.time() - start, status))
+        write_run_report(run_dir)
+    return run_dir
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run``: resolve the run config and run the federation."""
+    run_server(grid, resolve(context.run_config))

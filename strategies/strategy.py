@@ -1,0 +1,230 @@
+"""The honest-but-curious FedAvg strategy.
+
+:class:`CuriousFedAvg` aggregates exactly like :class:`flwr.serverapp.strategy.FedAvg` — the example-weighted mean
+of the client arrays — but every ``attack-every`` rounds it first hands one client's update to the attacker, as a
+curious server would. What the attacker gets is an :class:`~attacker.payload.AttackPayload`: the arrays the server
+sent, the arrays the client returned, the client's ``num-examples`` and the train config the server itself sent.
+The reply's ``audit`` record (the true sample indices) goes to the evaluator only.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from logging import INFO
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from attacker import ATTACKS, AttackPayload, Budget
+from fl_sim.data import Dataset
+from fl_sim.evaluator import score_reconstruction
+from fl_sim.models import build_model, evaluate
+from fl_sim.results import RunRecorder
+from strategies.compensation import SERVER_STEPS
+
+
+def lr_at(cfg: Mapping[str, Any], server_round: int) -> float:
+    """The client learning rate the server sends in ``server_round`` (1-based).
+
+    ``constant``: ``lr``. ``cosine``: ``lr · ½(1 + cos(π (r − 1) / R))`` with R = ``num-server-rounds``.
+    """
+    lr = float(cfg["lr"])
+    if cfg["lr-schedule"] == "cosine":
+        total = int(cfg["num-server-rounds"])
+        return lr * 0.5 * (1.0 + math.cos(math.pi * (server_round - 1) / total))
+    return lr
+
+
+def train_config(cfg: Mapping[str, Any]) -> ConfigRecord:
+    """The train config the server sends every round (``lr`` is replaced per round by :func:`lr_at`)."""
+    return ConfigRecord({
+        "mode": str(cfg["mode"]),
+        "lr": float(cfg["lr"]),
+        "batch-size": int(cfg["batch-size"]),
+        "local-steps": int(cfg["local-steps"]),
+        "local-epochs": int(cfg["local-epochs"]),
+    })
+
+
+def reply_metrics(msg: Message) -> dict[str, Any]:
+    """The single MetricRecord of a train reply, as a dict."""
+    return dict(next(iter(msg.content.metric_records.values())))
+
+
+def reply_partition(msg: Message) -> str:
+    """The client's identity as the server knows it: the ``meta`` partition id, else the node id."""
+    meta = msg.content.get("meta") if "meta" in msg.content else None
+    return str(meta["partition-id"]) if meta is not None and "partition-id" in meta else str(msg.metadata.src_node_id)
+
+
+class CuriousFedAvg(FedAvg):
+    """FedAvg that inverts the victim's update before aggregating (see the module docstring).
+
+    Args:
+        cfg: the resolved run config.
+        data: the run's dataset (the server holds the test split for central evaluation; the evaluator reads the
+            training split to rebuild a victim's true batch).
+        recorder: the run directory writer.
+        on_round: optional callback ``(round_record)`` after each round (progress bars).
+        stop: optional callable returning True when the run must stop (raises ``KeyboardInterrupt`` between rounds).
+    """
+
+    def __init__(self, cfg: Mapping[str, Any], data: Dataset, recorder: RunRecorder,
+                 on_round: Callable[[dict[str, Any]], None] | None = None,
+                 stop: Callable[[], bool] | None = None):
+        n = int(cfg["num-supernodes"])
+        super().__init__(
+            fraction_train=float(cfg["fraction-train"]),
+            fraction_evaluate=float(cfg["fraction-evaluate"]),
+            min_train_nodes=1,
+            min_evaluate_nodes=1 if float(cfg["fraction-evaluate"]) > 0 else 0,
+            min_available_nodes=n,
+        )
+        self.cfg = dict(cfg)
+        self.data = data
+        self.recorder = recorder
+        self.on_round = on_round
+        self.stop = stop or (lambda: False)
+        self.attack = ATTACKS[str(cfg["attack"])]
+        self.server_step = SERVER_STEPS.get(str(cfg["defense"]))
+        self.rng = random.Random(int(cfg["seed"]))
+        self.eval_model = build_model(str(cfg["model"]), data.input_shape, data.num_classes)
+        self._sent: dict[str, Any] = {}
+        self._record: dict[str, Any] = {}
+        self._t0 = 0.0
+        self.num_rounds = int(cfg["num-server-rounds"])
+
+    # -- rounds ------------------------------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Send the global arrays with this round's train config, remembering both for the attacker."""
+        if self.stop():
+            raise KeyboardInterrupt("stop requested")
+        self._t0 = time.perf_counter()
+        sent_cfg = ConfigRecord(dict(config))
+        sent_cfg["lr"] = lr_at(self.cfg, server_round)
+        messages = list(super().configure_train(server_round, arrays, sent_cfg, grid))
+        self._sent = {
+            "round": server_round,
+            "state": {k: v.clone() for k, v in arrays.to_torch_state_dict().items()},
+            "config": dict(sent_cfg),
+        }
+        self._record = {"round": server_round, "lr": sent_cfg["lr"], "sampled": len(messages), "clients": [],
+                        "failures": [], "attacks": []}
+        return messages
+
+    def usable_replies(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Replies fit for the attacker and for aggregation; the rest are logged in the round's ``failures``."""
+        ok = []
+        for msg in replies:
+            if msg.has_error():
+                self._record["failures"].append({"node": msg.metadata.src_node_id, "reason": msg.error.reason})
+            else:
+                ok.append(msg)
+        return ok
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Attack the victim's update if this is an attack round, then aggregate with FedAvg."""
+        replies = list(replies)
+        ok = self.usable_replies(server_round, replies)
+        for msg in ok:
+            m = reply_metrics(msg)
+            self._record["clients"].append({
+                "partition_id": reply_partition(msg),
+                "num_examples": m.get("num-examples"),
+                "train_loss": m.get("train-loss"),
+                "train_time_s": m.get("train-time-s"),
+                "defense_time_s": m.get("defense-time-s"),
+            })
+        attack_s = 0.0
+        every = int(self.cfg["attack-every"])
+        if every > 0 and (server_round - 1) % every == 0 and ok:
+            victim = self.pick_victim(ok)
+            if victim is not None:
+                t = time.perf_counter()
+                self._record["attacks"].append(self.run_attack(server_round, victim))
+                attack_s = time.perf_counter() - t
+        arrays, metrics = super().aggregate_train(server_round, ok)
+        if arrays is not None and self.server_step is not None:
+            arrays = self.server_step(arrays, ok, self._sent, self.cfg)
+        self._record["round_time_s"] = time.perf_counter() - self._t0 - attack_s
+        self._record["attack_time_s"] = attack_s
+        return arrays, metrics
+
+    # -- the attacker ------------------------------------------------------------------------------------------
+    def pick_victim(self, replies: list[Message]) -> Message | None:
+        """The reply of the ``victim`` partition (None if it was not sampled), or a random reply."""
+        if str(self.cfg["victim"]) == "random":
+            return self.rng.choice(replies)
+        return next((m for m in replies if reply_partition(m) == str(self.cfg["victim"])), None)
+
+    def payload(self, server_round: int, msg: Message) -> AttackPayload:
+        """Everything a curious server holds about this reply (no audit record, nothing client-private)."""
+        sent = self._sent["state"]
+        returned = msg.content[self.arrayrecord_key].to_torch_state_dict()
+        update = {k: returned[k].float() - sent[k].float() for k in sent if k in returned}
+        return AttackPayload(
+            model_name=str(self.cfg["model"]),
+            input_shape=self.data.input_shape,
+            num_classes=self.data.num_classes,
+            mean=self.data.mean,
+            std=self.data.std,
+            global_state={k: v.clone() for k, v in sent.items()},
+            update=update,
+            num_examples=int(reply_metrics(msg)["num-examples"]),
+            train_config=dict(self._sent["config"]),
+            round=server_round,
+            client=reply_partition(msg),
+        )
+
+    def run_attack(self, server_round: int, msg: Message) -> dict[str, Any]:
+        """Run the configured attack on ``msg``'s update, score it with the evaluator, save the figure."""
+        payload = self.payload(server_round, msg)
+        budget = Budget(iterations=int(self.cfg["attack-iterations"]), restarts=int(self.cfg["attack-restarts"]),
+                        time_limit_s=float(self.cfg["attack-time-limit"]),
+                        seed=int(self.cfg["seed"]) * 100_003 + server_round)
+        result = self.attack.run(payload, budget)
+        record: dict[str, Any] = {"round": server_round, "client": payload.client, "attack": str(self.cfg["attack"]),
+                                  "time_s": result.time_s, "iterations": result.iterations,
+                                  "objective": result.objective, **result.extras}
+        audit = msg.content["audit"] if "audit" in msg.content else None
+        if audit is not None:
+            scores = score_reconstruction(self.data, result, audit)
+            truth, rec = scores.pop("truth"), scores.pop("reconstruction")
+            labels, true_labels = scores.pop("labels"), scores.pop("true_labels")
+            record.update(scores)
+            title = (f"round {server_round}, client {payload.client}, {record['attack']}: "
+                     f"PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.3f}")
+            record["image"] = self.recorder.save_attack_figure(server_round, truth, rec, title, labels, true_labels)
+        log(INFO, "attack round %s client %s: %s", server_round, payload.client,
+            {k: record.get(k) for k in ("psnr", "ssim", "label_accuracy", "time_s")})
+        return record
+
+    # -- central evaluation, end of round ------------------------------------------------------------------------
+    def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Central evaluation on the test split (every ``eval-every`` rounds and the last), then log the round."""
+        every = int(self.cfg["eval-every"])
+        if server_round == 0:
+            return None
+        record = self._record
+        metrics = None
+        if server_round % every == 0 or server_round == self.num_rounds:
+            self.eval_model.load_state_dict(arrays.to_torch_state_dict())
+            loss, acc = evaluate(self.eval_model, self.data.x_test, self.data.y_test, self.data.mean,
+                                 self.data.std, torch.device("cpu"))
+            record["accuracy"], record["loss"] = acc, loss
+            metrics = MetricRecord({"accuracy": acc, "loss": loss})
+        else:
+            record["accuracy"], record["loss"] = None, None
+        self.recorder.log_round(record)
+        if self.on_round is not None:
+            self.on_round(record)
+        return metrics

@@ -1,0 +1,105 @@
+"""The honest-but-curious FedAvg: aggregation is FedAvg's, the attacker gets only server-visible data."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from conftest import make_message
+from fl_sim.config import resolve
+from fl_sim.models import build_model
+from fl_sim.results import RunRecorder
+from strategies.strategy import CuriousFedAvg, lr_at
+
+
+class FakeGrid:
+    def __init__(self, n):
+        self.ids = list(range(1, n + 1))
+
+    def get_node_ids(self):
+        return self.ids
+
+
+def reply(state, n, pid, indices=None):
+    content = RecordDict({
+        "arrays": ArrayRecord({k: v.clone() for k, v in state.items()}),
+        "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, "train-time-s": 0.1, "defense-time-s": 0.0}),
+        "meta": ConfigRecord({"partition-id": pid}),
+    })
+    if indices is not None:
+        content["audit"] = ConfigRecord({"partition-id": pid, "sample-indices": indices})
+    return make_message(content, src_node_id=pid + 1)
+
+
+def strategy_for(tmp_path, fmnist, **overrides):
+    cfg = resolve({"num-supernodes": 3, "out-dir": str(tmp_path), "run-name": "r", **overrides})
+    rec = RunRecorder(tmp_path / "r", cfg)
+    return CuriousFedAvg(cfg, fmnist, rec), cfg
+
+
+def test_aggregate_is_the_example_weighted_mean(tmp_path, fmnist):
+    strat, cfg = strategy_for(tmp_path, fmnist, **{"attack-every": 0})
+    model = build_model(cfg["model"], fmnist.input_shape, fmnist.num_classes)
+    glob = ArrayRecord(model.state_dict())
+    strat.configure_train(1, glob, ConfigRecord({"mode": "fedsgd", "lr": 0.1, "batch-size": 1}), FakeGrid(3))
+    g = torch.Generator().manual_seed(0)
+    states = [{k: torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()} for _ in range(3)]
+    weights = [1, 3, 6]
+    arrays, _ = strat.aggregate_train(1, [reply(s, w, i) for i, (s, w) in enumerate(zip(states, weights))])
+    out = arrays.to_torch_state_dict()
+    for k in out:
+        expected = sum(w * s[k] for s, w in zip(states, weights)) / sum(weights)
+        torch.testing.assert_close(out[k], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_attacker_gets_server_view_and_evaluator_gets_truth(tmp_path, fmnist):
+    strat, cfg = strategy_for(tmp_path, fmnist, **{"attack-every": 1, "victim": "1", "attack-iterations": 50,
+                                                 "lr": 0.1, "lr-schedule": "constant"})
+    torch.manual_seed(0)
+    model = build_model(cfg["model"], fmnist.input_shape, fmnist.num_classes)
+    glob_state = {k: v.clone() for k, v in model.state_dict().items()}
+    sent = ConfigRecord({"mode": "fedsgd", "lr": 0.1, "batch-size": 1, "local-steps": 0, "local-epochs": 1})
+    strat.configure_train(1, ArrayRecord(glob_state), sent, FakeGrid(3))
+    # client 1 takes one SGD step on sample 42
+    from fl_sim.data import to_tensor
+
+    x = to_tensor(fmnist.x_train[[42]], fmnist.mean, fmnist.std)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.as_tensor(fmnist.y_train[[42]]))
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    stepped = {k: v.clone() for k, v in glob_state.items()}
+    for (n, _), gr in zip(model.named_parameters(), grads):
+        stepped[n] = glob_state[n] - 0.1 * gr
+    seen = {}
+    real_run = strat.attack.run
+
+    def spy(payload, budget):
+        seen["payload"] = payload
+        return real_run(payload, budget)
+
+    strat.attack = type(strat.attack)(spy, strat.attack.threat, strat.attack.summary)
+    replies = [reply(glob_state, 1, 0, [1]), reply(stepped, 1, 1, [42]), reply(glob_state, 1, 2, [2])]
+    strat.aggregate_train(1, replies)
+    p = seen["payload"]
+    assert p.client == "1" and p.num_examples == 1 and p.train_config["lr"] == 0.1
+    assert not any("audit" in k or "indices" in k for k in vars(p))
+    torch.testing.assert_close(p.update["fc.bias"], stepped["fc.bias"] - glob_state["fc.bias"])
+    record = strat._record["attacks"][0]
+    assert record["psnr"] > 30 and record["label_accuracy"] == 1.0
+    assert (tmp_path / "r" / record["image"]).is_file()
+
+
+def test_victim_not_sampled_means_no_attack(tmp_path, fmnist):
+    strat, cfg = strategy_for(tmp_path, fmnist, **{"attack-every": 1, "victim": "2"})
+    model = build_model(cfg["model"], fmnist.input_shape, fmnist.num_classes)
+    state = model.state_dict()
+    strat.configure_train(1, ArrayRecord(state), ConfigRecord({"mode": "fedsgd", "lr": 0.1, "batch-size": 1}),
+                          FakeGrid(3))
+    strat.aggregate_train(1, [reply(state, 1, 0, [0]), reply(state, 1, 1, [1])])
+    assert strat._record["attacks"] == []
+
+
+def test_cosine_schedule():
+    cfg = resolve({"lr": 0.2, "num-server-rounds": 10})
+    assert lr_at(cfg, 1) == 0.2 and np.isclose(lr_at(cfg, 6), 0.1) and lr_at(cfg, 10) < 0.01
+    assert lr_at(resolve({"lr-schedule": "constant"}), 50) == resolve()["lr"]

@@ -54,3 +54,18 @@ def test_run_directory_layout(small_run):
 def test_no_ray_process_left_behind(small_run):
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     assert "raylet" not in ps and "gcs_server" not in ps
+
+
+def test_simulation_trains_exactly_like_a_plain_pytorch_loop(small_run):
+    """Flower's FedAvg over Ray gives the same model as the same local training and averaging in one loop."""
+    import importlib.util
+    import tomllib
+
+    out, _ = small_run
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_main", root / "benchmarks" / "bench_main.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = tomllib.loads((out / "config.toml").read_text())
+    _, acc = bench.plain_loop(cfg)
+    assert json.loads((out / "summary.json").read_text())["final_accuracy"] == pytest.approx(acc, abs=1e-9)

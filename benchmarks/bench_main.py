@@ -1,0 +1,137 @@
+"""Benchmark of the main job (issue 2). Prints, from one run on this machine:
+
+1. the Flower simulation's wall time over the same local training done in one plain PyTorch loop (a ratio): the same
+   model, clients, partitions, batches, learning-rate schedule and central evaluation, without attacks;
+2. the time the default attack (iDLG, L-BFGS) and DLG take to reach 30 dB on a round-1 FedSGD update.
+
+Usage::
+
+    python benchmarks/bench_main.py [ROUNDS] [CLIENTS]      # defaults: 100 rounds, 10 clients
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from attacker import ATTACKS, AttackPayload, Budget  # noqa: E402
+from attacker.metrics import psnr  # noqa: E402
+from clients.client_app import client_seed  # noqa: E402
+from clients.training import batch_schedule  # noqa: E402
+from fl_sim.config import resolve  # noqa: E402
+from fl_sim.data import denormalize, load_dataset, partitions, to_tensor  # noqa: E402
+from fl_sim.models import build_model, evaluate  # noqa: E402
+from strategies.strategy import lr_at  # noqa: E402
+
+
+def plain_loop(cfg: dict) -> tuple[float, float]:
+    """The federation's local training and FedAvg in one process, one thread: (seconds, final accuracy)."""
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    data = load_dataset(cfg["dataset"], cfg["data-dir"])
+    parts = partitions(data.name, cfg["data-dir"], cfg["num-supernodes"], cfg["partition"], cfg["dirichlet-alpha"],
+                       cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    glob = build_model(cfg["model"], data.input_shape, data.num_classes)
+    local = build_model(cfg["model"], data.input_shape, data.num_classes)
+    acc = 0.0
+    for rnd in range(1, cfg["num-server-rounds"] + 1):
+        lr = lr_at(cfg, rnd)
+        total = {k: torch.zeros_like(v) for k, v in glob.state_dict().items()}
+        weight = 0
+        for pid, part in enumerate(parts):
+            local.load_state_dict(glob.state_dict())
+            rng = np.random.default_rng(client_seed(cfg["seed"], rnd, pid))
+            for idx in batch_schedule(part, cfg["mode"], cfg["batch-size"], cfg["local-steps"], cfg["local-epochs"],
+                                      rng):
+                x = to_tensor(data.x_train[idx], data.mean, data.std)
+                y = torch.as_tensor(data.y_train[idx])
+                loss = torch.nn.functional.cross_entropy(local(x), y)
+                grads = torch.autograd.grad(loss, list(local.parameters()))
+                with torch.no_grad():
+                    for p, g in zip(local.parameters(), grads):
+                        p.add_(g, alpha=-lr)
+            n = cfg["batch-size"] if cfg["mode"] == "fedsgd" else len(part)  # the client's num-examples
+            for k, v in local.state_dict().items():
+                total[k] += n * v
+            weight += n
+        glob.load_state_dict({k: v / weight for k, v in total.items()})
+        _, acc = evaluate(glob, data.x_test, data.y_test, data.mean, data.std, torch.device("cpu"))
+    return time.perf_counter() - start, acc
+
+
+def simulation(cfg: dict) -> tuple[float, float, float]:
+    """The same federation through ``fl-sim run``'s in-process Flower simulation.
+
+    Returns (wall seconds including Ray start-up, final accuracy, median round time after round 1 in seconds).
+    """
+    import json
+
+    from fl_sim import simulation as sim
+    from fl_sim.results import read_metrics
+
+    with tempfile.TemporaryDirectory() as out:
+        run_cfg = dict(cfg, **{"out-dir": out, "run-name": "bench"})
+        start = time.perf_counter()
+        run_dir = sim.run(run_cfg)
+        seconds = time.perf_counter() - start
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+        steady = float(np.median([r["round_time_s"] for r in read_metrics(Path(run_dir))[1:]]))
+    return seconds, summary["final_accuracy"], steady
+
+
+def time_to_psnr(attack: str, model: str, target_db: float = 30.0, max_iters: int = 60) -> tuple[float, int, float]:
+    """Smallest L-BFGS step budget at which ``attack`` reaches ``target_db`` on a round-1 FedSGD update (B = 1).
+
+    Each budget is a fresh run with the same seed, so the trajectories share their prefix; returns the wall time of
+    the first run that reaches the target, its step count, and its PSNR.
+    """
+    data = load_dataset("fashion-mnist")
+    torch.manual_seed(0)
+    net = build_model(model, data.input_shape, data.num_classes)
+    x = to_tensor(data.x_train[[3]], data.mean, data.std)
+    y = torch.as_tensor(data.y_train[[3]])
+    grads = torch.autograd.grad(torch.nn.functional.cross_entropy(net(x), y), list(net.parameters()))
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    update = {n: -0.15 * g for (n, _), g in zip(net.named_parameters(), grads)}
+    payload = AttackPayload(model, data.input_shape, data.num_classes, data.mean, data.std, state, update, 1,
+                            {"mode": "fedsgd", "lr": 0.15, "batch-size": 1})
+    truth = denormalize(x, data.mean, data.std)[0].numpy()
+    best = (float("nan"), max_iters, 0.0)
+    for k in range(1, max_iters + 1):
+        res = ATTACKS[attack].run(payload, Budget(iterations=k, seed=0))
+        value = psnr(denormalize(res.images, data.mean, data.std)[0].numpy(), truth)
+        if value >= target_db:
+            return res.time_s, res.iterations, value
+    return best
+
+
+def main() -> None:
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 100
+    clients = int(sys.argv[2]) if len(sys.argv) > 2 else 10
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    cfg = resolve({"num-server-rounds": rounds, "num-supernodes": clients, "attack-every": 0})
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}; {clients} clients, {rounds} rounds, "
+          f"{cfg['model']}, {cfg['mode']} B={cfg['batch-size']}")
+    t_plain, acc_plain = plain_loop(cfg)
+    t_sim, acc_sim, steady = simulation(cfg)
+    print(f"plain PyTorch loop: {t_plain:7.2f} s  (final accuracy {acc_plain:.4f})")
+    print(f"Flower simulation:  {t_sim:7.2f} s  (final accuracy {acc_sim:.4f}; Ray start-up included)")
+    print(f"ratio simulation / plain loop: {t_sim / t_plain:.1f}x overall; per round after round 1: "
+          f"{steady * 1e3:.0f} ms vs {t_plain / rounds * 1e3:.1f} ms = {steady / (t_plain / rounds):.1f}x")
+    for attack in ("idlg", "dlg"):
+        t, its, value = time_to_psnr(attack, cfg["model"])
+        print(f"{attack} on {cfg['model']} (round-1 FedSGD update, B=1): 30 dB after {its} L-BFGS steps, "
+              f"{t:.2f} s (reached {value:.1f} dB)")
+
+
+if __name__ == "__main__":
+    main()

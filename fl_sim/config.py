@@ -129,6 +129,37 @@ KEYS: dict[str, Key] = {
     "local-steps": Key(0, "fedavg: local SGD steps K (0 = use local-epochs)", low=0),
     # --- defense ---------------------------------------------------------------------------------------------
     "defense": Key("none", "client-side gradient defense", choices=_defenses),
+    "defense-prune-rate": Key(80.0, "prune: percent of each gradient tensor's entries zeroed (smallest magnitudes)",
+                              low=0, high=100),
+    "defense-dp-clip": Key(1.0, "dp-*: clipping norm C of each step's gradient (L2 for gaussian, L1 for laplace)",
+                           low=0, low_open=True),
+    "defense-dp-epsilon": Key(10.0, "dp-*: epsilon of one noised release (one local step)", low=0, low_open=True),
+    "defense-dp-delta": Key(1e-5, "dp-*: delta of one Gaussian release; also the delta of the reported budget",
+                            low=0, low_open=True, high=0.5),
+    "defense-dp-sensitivity": Key(0.0, "dp-*: sensitivity of one release (0 = the clipping norm)", low=0),
+    "defense-dp-noise": Key(0.0, "dp-*: noise scale given directly (Gaussian std / Laplace b; 0 = from epsilon, "
+                                 "delta)", low=0),
+    "defense-soteria-rate": Key(70.0, "soteria: percent of the FC layer's input features pruned", low=0, high=100),
+    "defense-soteria-eps": Key(0.1, "soteria: epsilon in the score's denominator ||dr/dx|| / (r + eps)", low=0),
+    "defense-gd-slices": Key(10, "graddefense: number of slices S", low=1),
+    "defense-gd-perturb-slices": Key(5, "graddefense: slices perturbed per step M (<= S)", low=0),
+    "defense-gd-sigma": Key(0.1, "graddefense: std of the Gaussian noise on the perturbed slices", low=0),
+    "defense-gd-clip": Key(False, "graddefense: clip each sample's part of each perturbed slice (per-sample "
+                                  "gradients)"),
+    "defense-gd-clip-bound": Key(0.0, "graddefense: per-sample slice clipping bound (0 = sigma, as the paper's code)",
+                                 low=0),
+    "defense-gd-root-per-class": Key(5, "graddefense: root-set samples per class for the layer sensitivity", low=1),
+    "defense-gd-sensitivity-every": Key(50, "graddefense: recompute the sensitivity every N rounds (0 = once)",
+                                        low=0),
+    "defense-gd-compensation": Key(True, "graddefense: server-side Marchenko-Pastur compensation of the aggregate"),
+    "defense-gd-q": Key(6.0, "graddefense: aspect ratio Q = V/W of the compensation matrix", low=1),
+    "defense-gd-noise-variance": Key("mean", "graddefense: noise variance the compensation assumes: mean = of the "
+                                             "weighted mean (correct), sum = K(M/S)sigma^2 (the paper's code)",
+                                     choices=("mean", "sum")),
+    "defense-gd-reshape": Key("pad", "graddefense: V x W reshape: pad = zero-pad to W = floor(sqrt(P/Q)), "
+                                     "divisor = exact divisor of P (the paper's code)", choices=("pad", "divisor")),
+    "defense-quantize-format": Key("int8", "quantize: format the gradient is cast through",
+                                   choices=("float16", "bfloat16", "int8")),
     # --- attack ----------------------------------------------------------------------------------------------
     "attack": Key("idlg", "gradient-inversion attack the server runs", choices=_attacks),
     "attack-every": Key(25, "attack the victim's update every N rounds, from round 1 (0 = never)", low=0),
@@ -257,6 +288,7 @@ def check(cfg: Mapping[str, Value]) -> None:
     Raises:
         ConfigError: e.g. a victim id outside ``[0, num-supernodes)``.
     """
+    _check_defense(cfg)
     victim = str(cfg["victim"])
     n = int(cfg["num-supernodes"])
     if victim != "random" and not (victim.isdigit() and int(victim) < n):
@@ -264,6 +296,19 @@ def check(cfg: Mapping[str, Value]) -> None:
             f"victim={victim!r} is not allowed; victim must be 'random' or a partition id in 0..{n - 1} "
             f"(num-supernodes={n})"
         )
+
+
+def _check_defense(cfg: Mapping[str, Value]) -> None:
+    """Defense/model and defense-key combinations that cannot work."""
+    from clients.defenses import DEFENSES
+
+    defense = DEFENSES[str(cfg["defense"])]
+    if defense.models and str(cfg["model"]) not in defense.models:
+        raise ConfigError(f"model={cfg['model']!r} is not allowed with defense={cfg['defense']!r}; "
+                          f"model must be one of {', '.join(defense.models)}")
+    if int(cfg["defense-gd-perturb-slices"]) > int(cfg["defense-gd-slices"]):
+        raise ConfigError(f"defense-gd-perturb-slices={cfg['defense-gd-perturb-slices']} is not allowed; it must be "
+                          f"<= defense-gd-slices={cfg['defense-gd-slices']}")
 
 
 def check_feasible(cfg: Mapping[str, Value]) -> None:

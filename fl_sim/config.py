@@ -141,6 +141,7 @@ KEYS: dict[str, Key] = {
                                  "delta)", low=0),
     "defense-soteria-rate": Key(70.0, "soteria: percent of the FC layer's input features pruned", low=0, high=100),
     "defense-soteria-eps": Key(0.1, "soteria: epsilon in the score's denominator ||dr/dx|| / (r + eps)", low=0),
+    "defense-soteria-signed": Key(False, "soteria: divide by the signed r as the public code does (default |r|)"),
     "defense-gd-slices": Key(10, "graddefense: number of slices S", low=1),
     "defense-gd-perturb-slices": Key(5, "graddefense: slices perturbed per step M (<= S)", low=0),
     "defense-gd-sigma": Key(0.1, "graddefense: std of the Gaussian noise on the perturbed slices", low=0),

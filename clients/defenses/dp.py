@@ -132,7 +132,8 @@ def epsilon_spent(mechanism: str, multiplier: float, releases: int, delta: float
         delta: target δ.
 
     Returns:
-        ε (``inf`` when the multiplier is 0).
+        ε (``inf`` when the multiplier is 0). For Laplace, the smaller of the RDP bound and basic composition
+        ``releases · Δ/b`` (pure DP).
     """
     import dp_accounting
     from dp_accounting.rdp import RdpAccountant
@@ -145,7 +146,10 @@ def epsilon_spent(mechanism: str, multiplier: float, releases: int, delta: float
              else dp_accounting.LaplaceDpEvent(multiplier))
     acc = RdpAccountant()
     acc.compose(event, int(releases))
-    return float(acc.get_epsilon(delta))
+    eps = float(acc.get_epsilon(delta))
+    if mechanism == "laplace":  # pure ε-DP composes linearly (δ = 0); report the tighter of the two
+        eps = min(eps, releases / multiplier)
+    return eps
 
 
 def _apply(mechanism: str, grads: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:

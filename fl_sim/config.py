@@ -159,6 +159,8 @@ KEYS: dict[str, Key] = {
                                      choices=("mean", "sum")),
     "defense-gd-reshape": Key("pad", "graddefense: V x W reshape: pad = zero-pad to W = floor(sqrt(P/Q)), "
                                      "divisor = exact divisor of P (the paper's code)", choices=("pad", "divisor")),
+    "defense-gd-keep-below": Key(False, "graddefense: compensation also keeps eigenvectors below the noise bulk "
+                                        "(the paper's code)"),
     "defense-quantize-format": Key("int8", "quantize: format the gradient is cast through",
                                    choices=("float16", "bfloat16", "int8")),
     # --- attack ----------------------------------------------------------------------------------------------

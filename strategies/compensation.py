@@ -10,7 +10,7 @@ is :func:`graddefense_compensation`: the aggregated update of the trainable para
 Marchenko–Pastur bulk of pure noise, ``[σ²(1 − 1/√q)², σ²(1 + 1/√q)²]`` with ``q = V/W``, are projected out
 (``C ← C U Uᵀ`` over the kept eigenvectors ``U``), and the result is added back to the global model.
 
-Two quirks of the public code are options (defaults: the corrected form):
+Three quirks of the public code are options (defaults: the corrected form):
 
 * ``defense-gd-noise-variance``: ``mean`` (default) uses the noise variance of what is filtered — the
   example-weighted *mean* of the clients' updates: ``σ_agg² = (M/S) · σ_Δ² · Σ_k w_k²`` with ``w_k = n_k/Σn`` and
@@ -22,6 +22,10 @@ Two quirks of the public code are options (defaults: the corrected form):
   update to ``V·W`` (fewer than ``W`` padded zeros, dropped afterwards), so ``q ≈ Q`` for every ``P``. ``divisor``
   is the code's: ``V`` = the smallest divisor of ``P`` with ``V ≥ √(Q·P)``, ``W = P/V`` — degenerate when ``P`` has
   no divisor near ``√(Q·P)`` (e.g. ``P = 2 · 9719`` gives ``W = 2``: a 2×2 covariance, nothing to filter).
+* ``defense-gd-keep-below``: the code keeps the eigenvectors *below* the bulk (``λ <= λ−``) as well as above it.
+  Signal spikes only push eigenvalues above ``λ+``; below-bulk directions are noise (finite-sample fluctuation), and
+  when ``σ_agg²`` is overestimated (the ``sum`` variance) ``λ−`` rises into the actual noise bulk, so keeping them
+  keeps most of the noise. Default: keep only ``λ >= λ+``.
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ def matrix_shape(p: int, q: float, mode: str = "pad") -> tuple[int, int]:
     raise ValueError(f"unknown reshape mode {mode!r}; allowed: pad, divisor")
 
 
-def mp_filter(update: np.ndarray, noise_var: float, q: float = 6.0, mode: str = "pad") -> tuple[np.ndarray, dict]:
+def mp_filter(update: np.ndarray, noise_var: float, q: float = 6.0, mode: str = "pad",
+              keep_below: bool = False) -> tuple[np.ndarray, dict]:
     """Marchenko–Pastur eigen-filtering of a flattened update (GradDefense's compensation).
 
     Args:
@@ -62,6 +67,7 @@ def mp_filter(update: np.ndarray, noise_var: float, q: float = 6.0, mode: str = 
         noise_var: per-entry variance ``σ²`` of the noise in ``update``.
         q: target aspect ratio ``V/W``.
         mode: reshape mode, ``"pad"`` or ``"divisor"``.
+        keep_below: also keep the eigenvectors with ``λ <= λ−`` (the public code's rule).
 
     Returns:
         ``(filtered (P,), info)`` with ``info`` = ``V``, ``W``, ``kept`` (eigenvectors kept), ``lambda_minus``,
@@ -78,7 +84,7 @@ def mp_filter(update: np.ndarray, noise_var: float, q: float = 6.0, mode: str = 
     if w < 2:
         return update.copy(), {"V": v, "W": w, "kept": w, "lambda_minus": lo, "lambda_plus": hi}
     evals, evecs = np.linalg.eigh(np.cov(c, rowvar=False))
-    keep = (evals <= lo) | (evals >= hi)
+    keep = (evals >= hi) | ((evals <= lo) if keep_below else False)
     u = evecs[:, keep]
     out = (c @ u @ u.T).reshape(-1)[:p]
     return out, {"V": v, "W": w, "kept": int(keep.sum()), "lambda_minus": lo, "lambda_plus": hi}
@@ -134,7 +140,8 @@ def graddefense_compensation(arrays: ArrayRecord, replies: list[Message], sent: 
     delta = np.concatenate([(state[k].double() - glob[k].double()).reshape(-1).numpy() for k in keys])
     weights = [int(reply_metrics(m)["num-examples"]) for m in replies]
     var = graddefense_noise_variance(cfg, sent["config"], weights)
-    filtered, _ = mp_filter(delta, var, float(cfg["defense-gd-q"]), str(cfg["defense-gd-reshape"]))
+    filtered, _ = mp_filter(delta, var, float(cfg["defense-gd-q"]), str(cfg["defense-gd-reshape"]),
+                            bool(cfg["defense-gd-keep-below"]))
     out, pos = dict(state), 0
     for k in keys:
         n = glob[k].numel()

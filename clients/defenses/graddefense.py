@@ -26,7 +26,7 @@ Parameters (run-config keys, defaults):
     ``defense-gd-clip`` (false), ``defense-gd-clip-bound`` (0 = σ), ``defense-gd-root-per-class`` (5),
     ``defense-gd-sensitivity-every`` (50 rounds; 0 = only at the first round), and for the server
     ``defense-gd-compensation`` (true), ``defense-gd-q`` Q (6.0), ``defense-gd-noise-variance`` ("mean"),
-    ``defense-gd-reshape`` ("pad").
+    ``defense-gd-reshape`` ("pad"), ``defense-gd-keep-below`` (false).
     The public demos use S=10, M=5 with σ=5e-4 (CIFAR-10 batch 32) and Plato σ=0.01; σ=0.1 is what stops iDLG on a
     single Fashion-MNIST image here (see the README section).
 

@@ -10,6 +10,8 @@ Client side, on every local step's gradient (``P`` entries in parameter order):
    first of this client's partition: ``L = CE(f(x_root), y_root)``, ``G_l = ∂L/∂θ_l`` (with graph),
    ``s_l = mean_b ‖∂(Σ G_l)/∂x_b‖_F`` — one scalar per parameter tensor. Computed on the current model at the
    client's first round and then every ``defense-gd-sensitivity-every`` rounds (kept in ``Context.state``).
+   Note (as in the public code): for a softmax cross-entropy classifier ``Σ_ij ∂L/∂W_ij = (Σ_i (p_i − y_i)) Σ_j r_j
+   = 0``, so the last layer's weight and bias get a sensitivity of ~0 and end up, whole, in the last slice.
 2. **Slicing**: every entry of tensor ``l`` carries ``s_l / n_l``; the flattened gradient is cut into ``S``
    contiguous slices of equal cumulative sensitivity. The public code packs ``gcd``-sized atoms greedily with
    inclusive boundaries (slices overlap by one entry, and a heavy tiny tensor can collapse slices to one entry);

@@ -170,6 +170,17 @@ KEYS: dict[str, Key] = {
     "attack-iterations": Key(0, "optimizer iterations per attack (0 = the attack's default)", low=0),
     "attack-restarts": Key(1, "random restarts per attack; the best objective is kept", low=1),
     "attack-time-limit": Key(120.0, "seconds per attack before it stops with its best result (0 = none)", low=0),
+    "attack-ignore-layers": Key("", "parameter-name patterns left out of the matching loss, comma-separated "
+                                    "(fnmatch; a module name covers its parameters; 'classifier' = the last linear "
+                                    "layer); 'fc' is the PLD-muted attack"),
+    "attack-layer-weights": Key("", "per-layer weights in the matching loss, 'PATTERN:WEIGHT,...' (same patterns; "
+                                    "other layers weigh 1)"),
+    "attack-infer-mask": Key(False, "infer a pruning mask from the exact zeros of the observed update and apply it to "
+                                    "the trial gradient"),
+    "attack-clip-bound": Key(0.0, "replicate a known clipping bound C on the trial gradient, g·min(1, C/||g||) "
+                                  "(0 = off)", low=0),
+    "attack-clip-scope": Key("gradient", "what the clipping bound applied to: each local step's gradient or the "
+                                         "weight update", choices=("gradient", "update")),
     # --- results ---------------------------------------------------------------------------------------------
     "audit": Key(True, "clients report the indices of the samples they trained on in an audit-only record "
                        "that only the evaluator reads (needed to score attacks)"),
@@ -285,6 +296,29 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> dict[str, Value]:
     return cfg
 
 
+def _check_attack_options(cfg: Mapping[str, Value], model: Any = None) -> None:
+    """Parse the attack option keys; given the model, check that every layer pattern names one of its parameters."""
+    from dataclasses import replace
+
+    from attacker.options import AttackOptions
+
+    try:
+        options = AttackOptions.from_config(cfg)
+    except ValueError as exc:
+        raise ConfigError(f"attack-layer-weights={cfg.get('attack-layer-weights')!r} is not allowed: {exc}") from exc
+    if model is None:
+        return
+    for key, opts in (("attack-ignore-layers", replace(options, layer_weights=())),
+                      ("attack-layer-weights", replace(options, ignore_layers=()))):
+        try:
+            opts.weights_for(model)
+        except ValueError as exc:
+            raise ConfigError(f"{key}={cfg.get(key)!r} is not allowed for model={cfg['model']!r}: {exc}") from exc
+    if not any(w > 0 for w in options.weights_for(model).values()):
+        raise ConfigError(f"attack-ignore-layers={cfg.get('attack-ignore-layers')!r} is not allowed: it leaves every "
+                          f"layer of model={cfg['model']!r} out of the matching loss")
+
+
 def check(cfg: Mapping[str, Value]) -> None:
     """Checks that involve several keys and need no data (cheap; the apps call it on every start).
 
@@ -292,6 +326,7 @@ def check(cfg: Mapping[str, Value]) -> None:
         ConfigError: e.g. a victim id outside ``[0, num-supernodes)``.
     """
     _check_defense(cfg)
+    _check_attack_options(cfg)
     victim = str(cfg["victim"])
     n = int(cfg["num-supernodes"])
     if victim != "random" and not (victim.isdigit() and int(victim) < n):
@@ -351,6 +386,7 @@ def check_feasible(cfg: Mapping[str, Value]) -> None:
         raise ConfigError(
             f"model={cfg['model']!r} does not accept {cfg['dataset']} inputs {ds.input_shape}: {exc}"
         ) from exc
+    _check_attack_options(cfg, model)
     if float(cfg["client-num-gpus"]) > 0 and not torch.cuda.is_available():
         raise ConfigError(
             f"client-num-gpus={cfg['client-num-gpus']} is not allowed on this machine: CUDA is not available; "

@@ -22,7 +22,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from attacker import ATTACKS, AttackPayload, Budget
+from attacker import ATTACKS, AttackOptions, AttackPayload, Budget
 from fl_sim.data import Dataset
 from fl_sim.evaluator import score_reconstruction
 from fl_sim.fedkl_models import private_state_keys
@@ -198,7 +198,7 @@ class CuriousFedAvg(FedAvg):
         budget = Budget(iterations=int(self.cfg["attack-iterations"]), restarts=int(self.cfg["attack-restarts"]),
                         time_limit_s=float(self.cfg["attack-time-limit"]),
                         seed=int(self.cfg["seed"]) * 100_003 + server_round)
-        result = self.attack.run(payload, budget)
+        result = self.attack.run(payload, budget, AttackOptions.from_config(self.cfg))
         record: dict[str, Any] = {"round": server_round, "client": payload.client, "attack": str(self.cfg["attack"]),
                                   "time_s": result.time_s, "iterations": result.iterations,
                                   "objective": result.objective, **result.extras}

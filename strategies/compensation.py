@@ -83,10 +83,14 @@ def mp_filter(update: np.ndarray, noise_var: float, q: float = 6.0, mode: str = 
     hi = noise_var * (1 + 1 / math.sqrt(ratio)) ** 2
     if w < 2:
         return update.copy(), {"V": v, "W": w, "kept": w, "lambda_minus": lo, "lambda_plus": hi}
-    evals, evecs = np.linalg.eigh(np.cov(c, rowvar=False))
-    keep = (evals >= hi) | ((evals <= lo) if keep_below else False)
+    # np.cov(c, rowvar=False) and np.linalg.eigh, in torch: it honours torch.set_num_threads, whereas numpy's BLAS
+    # threads oversubscribe a loaded machine (40 ms instead of 1 ms for a 286×47 matrix here)
+    ct = torch.from_numpy(c)
+    centred = ct - ct.mean(dim=0)
+    evals, evecs = torch.linalg.eigh(centred.T @ centred / (v - 1))
+    keep = (evals >= hi) | ((evals <= lo) if keep_below else torch.zeros_like(evals, dtype=torch.bool))
     u = evecs[:, keep]
-    out = (c @ u @ u.T).reshape(-1)[:p]
+    out = (ct @ u @ u.T).reshape(-1)[:p].numpy()
     return out, {"V": v, "W": w, "kept": int(keep.sum()), "lambda_minus": lo, "lambda_plus": hi}
 
 

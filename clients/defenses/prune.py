@@ -29,11 +29,13 @@ def percentile(values: torch.Tensor, rate: float) -> torch.Tensor:
     Works on any size (``torch.quantile`` refuses more than 2**24 entries). Returns a 0-d tensor on
     ``values.device``.
     """
-    v = values.flatten().sort().values
+    v = values.flatten()
     pos = (v.numel() - 1) * float(rate) / 100.0
     lo = int(pos)
     hi = min(lo + 1, v.numel() - 1)
-    return v[lo] + (pos - lo) * (v[hi] - v[lo])
+    below = v.kthvalue(lo + 1).values  # order statistics by selection, not a full sort
+    above = v.kthvalue(hi + 1).values if hi != lo else below
+    return below + (pos - lo) * (above - below)
 
 
 def prune(grads: list[torch.Tensor], rate: float) -> list[torch.Tensor]:

@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     for d, t in means.items():
         base = means["none@lenet-kl"] if d == "fedkl" else means["none"]
         ratio = t / base
-        note = "" if ratio <= 1.05 else INHERENT.get(d, "ABOVE TARGET")
+        note = "baseline of fedkl" if d.startswith("none@") else (
+            "" if ratio <= 1.05 else INHERENT.get(d, "ABOVE TARGET"))
         print(f"{d:<16}{t * 1000:>10.1f}{ratio:>8.3f}{(ratio - 1) * 100:>9.1f}%  {note}")
 
 

@@ -201,3 +201,18 @@ def test_every_defense_keeps_shapes_and_none_is_identity(fmnist):
         assert [o.shape for o in out] == [g.shape for g in grads], name
         if name in ("none", "fedkl"):
             assert all(o is g for o, g in zip(out, grads))
+
+
+def test_per_sample_gradients_with_batchnorm_leave_buffers_alone(fmnist):
+    grads, ctx = step_context(fmnist, model_name="lenet-kl", batch=3)
+    before = {k: v.clone() for k, v in ctx.model.named_buffers()}
+    ps = per_sample_gradients(ctx)
+    for k, v in ctx.model.named_buffers():  # running statistics untouched, tracking restored
+        assert torch.equal(v, before[k]), k
+    assert all(m.track_running_stats for m in ctx.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert [p.shape[1:] for p in ps] == [g.shape for g in grads] and all(p.shape[0] == 3 for p in ps)
+    # sample 0's row is the gradient of sample 0 run alone
+    x0, y0 = ctx.x[:1], ctx.y[:1]
+    one = torch.autograd.grad(F.cross_entropy(ctx.model(x0), y0), list(ctx.model.parameters()))
+    for p, g in zip(ps, one):
+        torch.testing.assert_close(p[0], g, rtol=1e-4, atol=1e-6)

@@ -89,7 +89,8 @@ def per_sample_gradients(ctx: StepContext) -> list[torch.Tensor]:
     """Per-sample gradients of the step's loss, one row per sample of ``ctx.x``.
 
     Uses ``torch.func.functional_call`` + ``vmap(grad)`` (no model changes, no hooks). Each sample is run as a
-    batch of one, so models whose train-mode forward couples samples (BatchNorm) get per-sample statistics here.
+    batch of one, so models whose train-mode forward couples samples (BatchNorm) get per-sample statistics here
+    (BatchNorm2d normalises over the sample's own spatial positions; running statistics are not updated).
 
     Args:
         ctx: the step context (``model``, ``x (B, C, H, W)``, ``y (B,)``, ``loss_fn``).
@@ -109,5 +110,15 @@ def per_sample_gradients(ctx: StepContext) -> list[torch.Tensor]:
         out = functional_call(model, (p, buffers), (x.unsqueeze(0),))
         return ctx.loss_fn(out, y.unsqueeze(0))
 
-    grads = vmap(grad(loss_one), in_dims=(None, 0, 0), randomness="different")(params, ctx.x, ctx.y)
+    # train-mode BatchNorm would update its running statistics in place inside the transform: use batch statistics
+    # without tracking for the duration (the model's buffers are left as they are)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+             and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        grads = vmap(grad(loss_one), in_dims=(None, 0, 0), randomness="different")(params, ctx.x, ctx.y)
+    finally:
+        for m in norms:
+            m.track_running_stats = True
     return [grads[n] for n in ctx.names]

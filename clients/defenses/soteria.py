@@ -44,8 +44,10 @@ from clients.defenses.base import StepContext
 from clients.defenses.prune import percentile
 from fl_sim.models import classifier_layer
 
-#: Features per backward pass (bounds memory at ``CHUNK × B`` copies of the batch's activations).
+#: Features per backward pass at most.
 CHUNK = 128
+#: Images per replicated backward pass at most (``features per pass × B``), which bounds activation memory.
+MAX_COPIES = 1024
 
 
 @contextlib.contextmanager
@@ -111,7 +113,7 @@ def jacobian_norms(model: nn.Module, x: torch.Tensor, chunk: int = CHUNK) -> tup
         with torch.no_grad():
             _, r0 = _representation(model, x)
         d = r0.shape[1]
-        k = min(chunk, d)
+        k = max(1, min(chunk, d, MAX_COPIES // b))
         xg, r = _representation(model, x.repeat(k, *([1] * (x.dim() - 1))))  # copy j = rows j*B .. j*B+B-1
         norms = torch.empty(b, d, device=r.device, dtype=r.dtype)
         rows = torch.arange(k, device=r.device)

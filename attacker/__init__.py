@@ -1,8 +1,11 @@
 """Gradient-inversion attacks run by the honest-but-curious server.
 
-Each attack is a function ``(AttackPayload, Budget) -> AttackResult`` registered in :data:`ATTACKS` with the
-capabilities it needs (:class:`ThreatModel`). Attacks see only :class:`AttackPayload` — what a curious server holds —
-and nothing from ``clients/``; scoring against the truth happens outside this package (``fl_sim.evaluator``).
+Each attack is a function ``(AttackPayload, Budget, AttackOptions | None) -> AttackResult`` registered in
+:data:`ATTACKS` with the capabilities it needs (:class:`ThreatModel`). ``Budget`` says how much work (iterations,
+restarts, time limit, progress callback); ``AttackOptions`` says what is optimised (the adaptive knobs: ignored or
+weighted layers, mask inference, clipping replication; image prior weights; the label method). Attacks see only
+:class:`AttackPayload` — what a curious server holds — and nothing from ``clients/``; scoring against the truth
+happens outside this package (``fl_sim.evaluator``).
 A new attack is one module plus one line below.
 """
 
@@ -12,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from attacker import dlg
+from attacker.options import AttackOptions
 from attacker.payload import AttackPayload, AttackResult, Budget, ThreatModel, update_to_gradient
 
 
@@ -20,12 +24,12 @@ class Attack:
     """A registered attack.
 
     Attributes:
-        run: ``(payload, budget) -> AttackResult``.
+        run: ``(payload, budget, options=None) -> AttackResult``.
         threat: what it needs beyond the payload.
         summary: one line for ``fl-sim attacks`` and reports.
     """
 
-    run: Callable[[AttackPayload, Budget], AttackResult]
+    run: Callable[[AttackPayload, Budget, AttackOptions | None], AttackResult]
     threat: ThreatModel
     summary: str
 
@@ -36,4 +40,4 @@ ATTACKS: dict[str, Attack] = {
     "idlg": Attack(dlg.idlg, ThreatModel(), "iDLG (Zhao et al. 2020): analytic label, then L2 matching, L-BFGS"),
 }
 
-__all__ = ["ATTACKS", "Attack", "AttackPayload", "AttackResult", "Budget", "ThreatModel", "update_to_gradient"]
+__all__ = ["ATTACKS", "Attack", "AttackOptions", "AttackPayload", "AttackResult", "Budget", "ThreatModel", "update_to_gradient"]

@@ -18,7 +18,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from attacker import matching
 from attacker.labels import batch_labels, classifier_gradients
+from attacker.options import AttackOptions
 from attacker.payload import AttackPayload, AttackResult, Budget
 
 DEFAULT_ITERATIONS = 200
@@ -31,20 +33,21 @@ def _soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> to
     return torch.mean(torch.sum(-F.softmax(target_logits, dim=-1) * F.log_softmax(logits, dim=-1), dim=-1))
 
 
-def _match(payload: AttackPayload, budget: Budget, joint_labels: bool) -> AttackResult:
+def _match(payload: AttackPayload, budget: Budget, joint_labels: bool, options: AttackOptions | None) -> AttackResult:
     start = time.perf_counter()
+    options = options or AttackOptions()
     model = payload.build_model()
-    params = [p for p in model.parameters()]
-    target = [g.detach() for g in payload.gradients(model)]
+    target = matching.prepare(payload, model, options)
+    params = target.needed_params
     b = payload.batch_size
-    target_sq = float(sum((t**2).sum() for t in target)) or 1.0
+    target_sq = target.norm_sq or 1.0
     iterations = budget.iterations or DEFAULT_ITERATIONS
     gen = torch.Generator().manual_seed(int(budget.seed))
 
     if joint_labels:
         fixed_labels = None
     else:
-        w_grad, b_grad = classifier_gradients(model, target)
+        w_grad, b_grad = classifier_gradients(model, target.grads)
         fixed_labels = batch_labels(w_grad, b_grad, b)
 
     best: AttackResult | None = None
@@ -63,8 +66,7 @@ def _match(payload: AttackPayload, budget: Budget, joint_labels: bool) -> Attack
         def distance() -> torch.Tensor:
             out = model(x)
             loss = _soft_cross_entropy(out, y_logits) if joint_labels else F.cross_entropy(out, fixed_labels)
-            grads = torch.autograd.grad(loss, params, create_graph=True)
-            return sum(((g - t) ** 2).sum() for g, t in zip(grads, target))
+            return target.l2(torch.autograd.grad(loss, params, create_graph=True))
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
@@ -100,27 +102,29 @@ def _match(payload: AttackPayload, budget: Budget, joint_labels: bool) -> Attack
     return best
 
 
-def dlg(payload: AttackPayload, budget: Budget) -> AttackResult:
+def dlg(payload: AttackPayload, budget: Budget, options: AttackOptions | None = None) -> AttackResult:
     """DLG: joint optimisation of images and soft labels (see the module docstring).
 
     Args:
         payload: the server-visible update; its ``batch_size`` sets the number of dummy images.
         budget: iterations (L-BFGS steps, default 200), restarts, time limit, seed.
+        options: adaptive knobs (ignored/weighted layers, mask inference, clipping replication).
 
     Returns:
         Images ``(B, C, H, W)`` in normalised space and the argmax of the optimised label logits.
     """
-    return _match(payload, budget, joint_labels=True)
+    return _match(payload, budget, True, options)
 
 
-def idlg(payload: AttackPayload, budget: Budget) -> AttackResult:
+def idlg(payload: AttackPayload, budget: Budget, options: AttackOptions | None = None) -> AttackResult:
     """iDLG: analytic labels from the last layer, then L2 gradient matching on the images only.
 
     Args:
         payload: the server-visible update.
         budget: iterations (L-BFGS steps, default 200), restarts, time limit, seed.
+        options: adaptive knobs (ignored/weighted layers, mask inference, clipping replication).
 
     Returns:
         Images ``(B, C, H, W)`` in normalised space and the analytic labels.
     """
-    return _match(payload, budget, joint_labels=False)
+    return _match(payload, budget, False, options)

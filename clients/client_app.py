@@ -3,7 +3,8 @@
 Each SuperNode's ``node_config`` gives its ``partition-id`` and ``num-partitions``; the run config (identical on
 server and clients) gives the dataset, model, defense and seeds. A train reply carries exactly one ArrayRecord (the
 local model after training; defenses such as FedKL replace their secret tensors before it is built) and one
-MetricRecord (``num-examples``, ``train-loss``, ``train-time-s``, ``defense-time-s``), plus two ConfigRecords:
+MetricRecord (``num-examples``, ``train-loss``, ``train-time-s``, ``defense-time-s`` — the defense's hooks included —
+and whatever public diagnostics the defense reports, e.g. ``dp-epsilon``), plus two ConfigRecords:
 ``meta`` (the partition id, i.e. the client's identity as the server knows it) and, when ``audit=true``, ``audit``
 (indices of the samples used) which the server hands only to the evaluator, never to the attacker.
 """
@@ -11,6 +12,7 @@ MetricRecord (``num-examples``, ``train-loss``, ``train-time-s``, ``defense-time
 from __future__ import annotations
 
 import functools
+import time
 
 import numpy as np
 import torch
@@ -56,17 +58,22 @@ def train(msg: Message, context: Context) -> Message:
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     model.to(device)
     defense = DEFENSES[str(cfg["defense"])]
+    t_hooks = time.perf_counter()
     if defense.on_model is not None:
-        defense.on_model(model, context.state, cfg)
+        defense.on_model(model, context.state, cfg, client_seed(int(cfg["seed"]), 0, pid))
+    hooks_s = time.perf_counter() - t_hooks
     train_cfg = dict(msg.content["config"])
     rnd = int(train_cfg.get("server-round", 0))
     res = local_train(model, data, part, train_cfg, cfg, defense, context.state, client_seed(int(cfg["seed"]), rnd, pid),
                       device)
+    t_hooks = time.perf_counter()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if defense.on_reply is not None:
         state = defense.on_reply(state, context.state, cfg)
-    metrics = {"num-examples": res.num_examples, "train-loss": res.loss, "train-time-s": res.train_time_s,
-               "defense-time-s": res.defense_time_s, **res.defense_info}
+    extra = defense.report(context.state, cfg) if defense.report is not None else {}
+    hooks_s += time.perf_counter() - t_hooks if defense.on_reply is not None or defense.report is not None else 0.0
+    metrics = {"num-examples": res.num_examples, "train-loss": res.loss, "train-time-s": res.train_time_s + hooks_s,
+               "defense-time-s": res.defense_time_s + hooks_s, **res.defense_info, **extra}
     content = RecordDict({
         "arrays": ArrayRecord(state),
         "metrics": MetricRecord(metrics),
@@ -88,7 +95,7 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
     model.to(device)
     defense = DEFENSES[str(cfg["defense"])]
     if defense.on_model is not None:
-        defense.on_model(model, context.state, cfg)
+        defense.on_model(model, context.state, cfg, client_seed(int(cfg["seed"]), 0, pid))
     loss, acc = evaluate(model, data.x_test[idx], data.y_test[idx], data.mean, data.std, device)
     metrics = MetricRecord({"num-examples": len(idx), "eval-loss": loss, "eval-acc": acc})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

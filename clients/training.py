@@ -125,7 +125,7 @@ def local_train(
         grads = list(torch.autograd.grad(loss, params))
         t_def = time.perf_counter()
         ctx = StepContext(model, names, x, y, F.cross_entropy, run_config, state, gen, step,
-                          int(train_config.get("server-round", 0)))
+                          int(train_config.get("server-round", 0)), data=data, partition=partition)
         grads = defense.apply(grads, ctx)
         defense_s += time.perf_counter() - t_def
         info.update(ctx.info)

@@ -129,6 +129,40 @@ KEYS: dict[str, Key] = {
     "local-steps": Key(0, "fedavg: local SGD steps K (0 = use local-epochs)", low=0),
     # --- defense ---------------------------------------------------------------------------------------------
     "defense": Key("none", "client-side gradient defense", choices=_defenses),
+    "defense-prune-rate": Key(80.0, "prune: percent of each gradient tensor's entries zeroed (smallest magnitudes)",
+                              low=0, high=100),
+    "defense-dp-clip": Key(1.0, "dp-*: clipping norm C of each step's gradient (L2 for gaussian, L1 for laplace)",
+                           low=0, low_open=True),
+    "defense-dp-epsilon": Key(10.0, "dp-*: epsilon of one noised release (one local step)", low=0, low_open=True),
+    "defense-dp-delta": Key(1e-5, "dp-*: delta of one Gaussian release; also the delta of the reported budget",
+                            low=0, low_open=True, high=0.5),
+    "defense-dp-sensitivity": Key(0.0, "dp-*: sensitivity of one release (0 = the clipping norm)", low=0),
+    "defense-dp-noise": Key(0.0, "dp-*: noise scale given directly (Gaussian std / Laplace b; 0 = from epsilon, "
+                                 "delta)", low=0),
+    "defense-soteria-rate": Key(70.0, "soteria: percent of the FC layer's input features pruned", low=0, high=100),
+    "defense-soteria-eps": Key(0.1, "soteria: epsilon in the score's denominator ||dr/dx|| / (r + eps)", low=0),
+    "defense-soteria-signed": Key(False, "soteria: divide by the signed r as the public code does (default |r|)"),
+    "defense-gd-slices": Key(10, "graddefense: number of slices S", low=1),
+    "defense-gd-perturb-slices": Key(5, "graddefense: slices perturbed per step M (<= S)", low=0),
+    "defense-gd-sigma": Key(0.1, "graddefense: std of the Gaussian noise on the perturbed slices", low=0),
+    "defense-gd-clip": Key(False, "graddefense: clip each sample's part of each perturbed slice (per-sample "
+                                  "gradients)"),
+    "defense-gd-clip-bound": Key(0.0, "graddefense: per-sample slice clipping bound (0 = sigma, as the paper's code)",
+                                 low=0),
+    "defense-gd-root-per-class": Key(5, "graddefense: root-set samples per class for the layer sensitivity", low=1),
+    "defense-gd-sensitivity-every": Key(50, "graddefense: recompute the sensitivity every N rounds (0 = once)",
+                                        low=0),
+    "defense-gd-compensation": Key(True, "graddefense: server-side Marchenko-Pastur compensation of the aggregate"),
+    "defense-gd-q": Key(6.0, "graddefense: aspect ratio Q = V/W of the compensation matrix", low=1),
+    "defense-gd-noise-variance": Key("mean", "graddefense: noise variance the compensation assumes: mean = of the "
+                                             "weighted mean (correct), sum = K(M/S)sigma^2 (the paper's code)",
+                                     choices=("mean", "sum")),
+    "defense-gd-reshape": Key("pad", "graddefense: V x W reshape: pad = zero-pad to W = floor(sqrt(P/Q)), "
+                                     "divisor = exact divisor of P (the paper's code)", choices=("pad", "divisor")),
+    "defense-gd-keep-below": Key(False, "graddefense: compensation also keeps eigenvectors below the noise bulk "
+                                        "(the paper's code)"),
+    "defense-quantize-format": Key("int8", "quantize: format the gradient is cast through",
+                                   choices=("float16", "bfloat16", "int8")),
     # --- attack ----------------------------------------------------------------------------------------------
     "attack": Key("idlg", "gradient-inversion attack the server runs", choices=_attacks),
     "attack-every": Key(25, "attack the victim's update every N rounds, from round 1 (0 = never)", low=0),
@@ -136,6 +170,17 @@ KEYS: dict[str, Key] = {
     "attack-iterations": Key(0, "optimizer iterations per attack (0 = the attack's default)", low=0),
     "attack-restarts": Key(1, "random restarts per attack; the best objective is kept", low=1),
     "attack-time-limit": Key(120.0, "seconds per attack before it stops with its best result (0 = none)", low=0),
+    "attack-ignore-layers": Key("", "parameter-name patterns left out of the matching loss, comma-separated "
+                                    "(fnmatch; a module name covers its parameters; 'classifier' = the last linear "
+                                    "layer); 'fc' is the PLD-muted attack"),
+    "attack-layer-weights": Key("", "per-layer weights in the matching loss, 'PATTERN:WEIGHT,...' (same patterns; "
+                                    "other layers weigh 1)"),
+    "attack-infer-mask": Key(False, "infer a pruning mask from the exact zeros of the observed update and apply it to "
+                                    "the trial gradient"),
+    "attack-clip-bound": Key(0.0, "replicate a known clipping bound C on the trial gradient, g·min(1, C/||g||) "
+                                  "(0 = off)", low=0),
+    "attack-clip-scope": Key("gradient", "what the clipping bound applied to: each local step's gradient or the "
+                                         "weight update", choices=("gradient", "update")),
     # --- results ---------------------------------------------------------------------------------------------
     "audit": Key(True, "clients report the indices of the samples they trained on in an audit-only record "
                        "that only the evaluator reads (needed to score attacks)"),
@@ -251,12 +296,37 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> dict[str, Value]:
     return cfg
 
 
+def _check_attack_options(cfg: Mapping[str, Value], model: Any = None) -> None:
+    """Parse the attack option keys; given the model, check that every layer pattern names one of its parameters."""
+    from dataclasses import replace
+
+    from attacker.options import AttackOptions
+
+    try:
+        options = AttackOptions.from_config(cfg)
+    except ValueError as exc:
+        raise ConfigError(f"attack-layer-weights={cfg.get('attack-layer-weights')!r} is not allowed: {exc}") from exc
+    if model is None:
+        return
+    for key, opts in (("attack-ignore-layers", replace(options, layer_weights=())),
+                      ("attack-layer-weights", replace(options, ignore_layers=()))):
+        try:
+            opts.weights_for(model)
+        except ValueError as exc:
+            raise ConfigError(f"{key}={cfg.get(key)!r} is not allowed for model={cfg['model']!r}: {exc}") from exc
+    if not any(w > 0 for w in options.weights_for(model).values()):
+        raise ConfigError(f"attack-ignore-layers={cfg.get('attack-ignore-layers')!r} is not allowed: it leaves every "
+                          f"layer of model={cfg['model']!r} out of the matching loss")
+
+
 def check(cfg: Mapping[str, Value]) -> None:
     """Checks that involve several keys and need no data (cheap; the apps call it on every start).
 
     Raises:
         ConfigError: e.g. a victim id outside ``[0, num-supernodes)``.
     """
+    _check_defense(cfg)
+    _check_attack_options(cfg)
     victim = str(cfg["victim"])
     n = int(cfg["num-supernodes"])
     if victim != "random" and not (victim.isdigit() and int(victim) < n):
@@ -264,6 +334,19 @@ def check(cfg: Mapping[str, Value]) -> None:
             f"victim={victim!r} is not allowed; victim must be 'random' or a partition id in 0..{n - 1} "
             f"(num-supernodes={n})"
         )
+
+
+def _check_defense(cfg: Mapping[str, Value]) -> None:
+    """Defense/model and defense-key combinations that cannot work."""
+    from clients.defenses import DEFENSES
+
+    defense = DEFENSES[str(cfg["defense"])]
+    if defense.models and str(cfg["model"]) not in defense.models:
+        raise ConfigError(f"model={cfg['model']!r} is not allowed with defense={cfg['defense']!r}; "
+                          f"model must be one of {', '.join(defense.models)}")
+    if int(cfg["defense-gd-perturb-slices"]) > int(cfg["defense-gd-slices"]):
+        raise ConfigError(f"defense-gd-perturb-slices={cfg['defense-gd-perturb-slices']} is not allowed; it must be "
+                          f"<= defense-gd-slices={cfg['defense-gd-slices']}")
 
 
 def check_feasible(cfg: Mapping[str, Value]) -> None:
@@ -303,6 +386,7 @@ def check_feasible(cfg: Mapping[str, Value]) -> None:
         raise ConfigError(
             f"model={cfg['model']!r} does not accept {cfg['dataset']} inputs {ds.input_shape}: {exc}"
         ) from exc
+    _check_attack_options(cfg, model)
     if float(cfg["client-num-gpus"]) > 0 and not torch.cuda.is_available():
         raise ConfigError(
             f"client-num-gpus={cfg['client-num-gpus']} is not allowed on this machine: CUDA is not available; "

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fl_sim.data import to_tensor
+from fl_sim.fedkl_models import LeNetKL, ResNet20KL
 
 
 def _flat_size(features: nn.Module, input_shape: tuple[int, int, int]) -> int:
@@ -82,6 +83,8 @@ MODELS: dict[str, Callable[[tuple[int, int, int], int], nn.Module]] = {
     "lenet": lambda shape, k: LeNet(shape, k, act=nn.Sigmoid, uniform_init=0.5),
     "lenet-tanh": lambda shape, k: LeNet(shape, k, act=nn.Tanh, uniform_init=None),
     "cnn": SimpleCNN,
+    "lenet-kl": LeNetKL,
+    "resnet20-kl": ResNet20KL,
 }
 
 

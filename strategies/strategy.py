@@ -22,12 +22,17 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from attacker import ATTACKS, AttackPayload, Budget
+from attacker import ATTACKS, AttackOptions, AttackPayload, Budget
 from fl_sim.data import Dataset
 from fl_sim.evaluator import score_reconstruction
+from fl_sim.fedkl_models import private_state_keys
 from fl_sim.models import build_model, evaluate
 from fl_sim.results import RunRecorder
 from strategies.compensation import SERVER_STEPS
+
+
+#: Reply metrics that defenses add (public diagnostics such as the DP budget), copied into each client's record.
+DEFENSE_METRIC_PREFIXES = ("dp-", "soteria-", "graddefense-")
 
 
 def lr_at(cfg: Mapping[str, Any], server_round: int) -> float:
@@ -143,6 +148,7 @@ class CuriousFedAvg(FedAvg):
                 "train_loss": m.get("train-loss"),
                 "train_time_s": m.get("train-time-s"),
                 "defense_time_s": m.get("defense-time-s"),
+                **{k.replace("-", "_"): v for k, v in m.items() if k.startswith(DEFENSE_METRIC_PREFIXES)},
             })
         attack_s = 0.0
         every = int(self.cfg["attack-every"])
@@ -183,6 +189,7 @@ class CuriousFedAvg(FedAvg):
             train_config=dict(self._sent["config"]),
             round=server_round,
             client=reply_partition(msg),
+            ignored_keys=private_state_keys(self.eval_model),
         )
 
     def run_attack(self, server_round: int, msg: Message) -> dict[str, Any]:
@@ -191,7 +198,7 @@ class CuriousFedAvg(FedAvg):
         budget = Budget(iterations=int(self.cfg["attack-iterations"]), restarts=int(self.cfg["attack-restarts"]),
                         time_limit_s=float(self.cfg["attack-time-limit"]),
                         seed=int(self.cfg["seed"]) * 100_003 + server_round)
-        result = self.attack.run(payload, budget)
+        result = self.attack.run(payload, budget, AttackOptions.from_config(self.cfg))
         record: dict[str, Any] = {"round": server_round, "client": payload.client, "attack": str(self.cfg["attack"]),
                                   "time_s": result.time_s, "iterations": result.iterations,
                                   "objective": result.objective, **result.extras}

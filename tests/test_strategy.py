@@ -73,9 +73,9 @@ def test_attacker_gets_server_view_and_evaluator_gets_truth(tmp_path, fmnist):
     seen = {}
     real_run = strat.attack.run
 
-    def spy(payload, budget):
+    def spy(payload, budget, options=None):
         seen["payload"] = payload
-        return real_run(payload, budget)
+        return real_run(payload, budget, options)
 
     strat.attack = type(strat.attack)(spy, strat.attack.threat, strat.attack.summary)
     replies = [reply(glob_state, 1, 0, [1]), reply(stepped, 1, 1, [42]), reply(glob_state, 1, 2, [2])]

@@ -1,0 +1,146 @@
+"""Attack options: the knobs that change *what* an attack optimises, shared by every attack.
+
+:class:`AttackOptions` is the third argument of every registered attack (``run(payload, budget, options)``), next
+to :class:`~attacker.payload.Budget` (how much work). The adaptive knobs exist to judge defenses honestly — an
+attacker who knows which defense a client runs adapts to it (see ``shared/reference/defenses.md``):
+
+* **ignore / weight layers** — leave chosen parameters out of the matching loss, or weight them. Leaving the
+  defended fully-connected layer out (``ignore_layers=("fc",)``) is the "PLD-muted" attack of the GradDefense talk
+  (seed 001), which restores Soteria's leak; the GradDefense PoC reconstructor has the same knob.
+* **mask inference** — a pruning defense (gradient compression, Soteria) sends exact zeros; the attacker reads the
+  mask off the observed update (``mask = Δ ≠ 0``) and multiplies the trial gradient by it before matching, as GGL's
+  adaptive attack does (``zhuohangli/GGL`` ``reconstructor.py``).
+* **clipping replication** — with a known bound C the trial gradient is clipped the same way,
+  ``g ← g · min(1, C / ‖g‖₂)`` over all parameters (GGL's adaptive attack re-clips its trial gradients).
+
+Layer patterns are :mod:`fnmatch` patterns on parameter names (``model.named_parameters()``); a pattern without
+wildcards that names a module covers all of its parameters (``fc`` → ``fc.weight``, ``fc.bias``), and the word
+``classifier`` names the model's last fully-connected layer whatever it is called.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+#: Where a clipping bound applies: each local step's gradient, or the weight update the client sends.
+CLIP_SCOPES = ("gradient", "update")
+
+
+@dataclass(frozen=True)
+class AttackOptions:
+    """Options of the attack objective (every attack accepts them; each uses those that apply to it).
+
+    Attributes:
+        ignore_layers: parameter-name patterns left out of the matching loss (see the module docstring).
+        layer_weights: ``(pattern, weight)`` pairs multiplying those parameters' terms in the matching loss
+            (``weight >= 0``; 0 is the same as ignoring; unlisted parameters weigh 1; the last matching pair wins).
+        infer_mask: multiply the trial gradient by the mask of non-zero entries of the observed update.
+        clip_bound: the clipping bound C to replicate on the trial gradient (0 = off). Units: gradient L2 norm for
+            ``clip_scope="gradient"``, weight-update L2 norm for ``"update"``.
+        clip_scope: ``"gradient"`` (each local step's gradient was clipped to C, global L2 norm over all
+            parameters; a DP-SGD-style client defense) or ``"update"`` (the update ``Δ`` was clipped to C, as
+            Flower's ``LocalDpMod`` does).
+        tv: total-variation weight for attacks with an image prior (``None`` = the attack's default).
+        labels: label-recovery method for B > 1 (a key of :data:`attacker.labels.LABEL_METHODS`).
+    """
+
+    ignore_layers: tuple[str, ...] = ()
+    layer_weights: tuple[tuple[str, float], ...] = ()
+    infer_mask: bool = False
+    clip_bound: float = 0.0
+    clip_scope: str = "gradient"
+    tv: float | None = None
+    labels: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.clip_scope not in CLIP_SCOPES:
+            raise ValueError(f"clip_scope={self.clip_scope!r}; allowed: {', '.join(CLIP_SCOPES)}")
+        if self.clip_bound < 0:
+            raise ValueError(f"clip_bound={self.clip_bound} must be >= 0")
+        for pat, w in self.layer_weights:
+            if not w >= 0:
+                raise ValueError(f"layer weight {pat}:{w} must be >= 0")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> AttackOptions:
+        """Options from a resolved run config (the ``attack-*`` keys; missing keys keep their defaults).
+
+        Raises:
+            ValueError: a malformed ``attack-layer-weights`` or ``attack-ignore-layers`` string.
+        """
+        kw: dict[str, Any] = {}
+        if "attack-ignore-layers" in cfg:
+            kw["ignore_layers"] = parse_patterns(str(cfg["attack-ignore-layers"]))
+        if "attack-layer-weights" in cfg:
+            kw["layer_weights"] = parse_layer_weights(str(cfg["attack-layer-weights"]))
+        if "attack-infer-mask" in cfg:
+            kw["infer_mask"] = bool(cfg["attack-infer-mask"])
+        if "attack-clip-bound" in cfg:
+            kw["clip_bound"] = float(cfg["attack-clip-bound"])
+        if "attack-clip-scope" in cfg:
+            kw["clip_scope"] = str(cfg["attack-clip-scope"])
+        if "attack-tv" in cfg and float(cfg["attack-tv"]) >= 0:
+            kw["tv"] = float(cfg["attack-tv"])
+        if "attack-labels" in cfg:
+            kw["labels"] = str(cfg["attack-labels"])
+        return cls(**kw)
+
+    def weights_for(self, model: nn.Module) -> dict[str, float]:
+        """The weight of every trainable parameter of ``model`` in the matching loss (0 = left out).
+
+        Raises:
+            ValueError: a pattern that matches no parameter of ``model`` (a typo would silently do nothing).
+        """
+        names = [n for n, _ in model.named_parameters()]
+        weights = dict.fromkeys(names, 1.0)
+        for pat, w in self.layer_weights:
+            for n in _matching(model, names, pat):
+                weights[n] = float(w)
+        for pat in self.ignore_layers:
+            for n in _matching(model, names, pat):
+                weights[n] = 0.0
+        return weights
+
+
+def _matching(model: nn.Module, names: list[str], pattern: str) -> list[str]:
+    if pattern == "classifier":
+        from fl_sim.models import classifier_layer
+
+        fc = classifier_layer(model)
+        ids = {id(p) for p in fc.parameters()}
+        hits = [n for n, p in model.named_parameters() if id(p) in ids]
+    else:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern) or n.startswith(pattern + ".")]
+    if not hits:
+        raise ValueError(f"layer pattern {pattern!r} matches no parameter of {type(model).__name__} "
+                         f"(parameters: {', '.join(names)})")
+    return hits
+
+
+def parse_patterns(text: str) -> tuple[str, ...]:
+    """``"fc, features.0"`` → ``("fc", "features.0")`` (empty items are dropped)."""
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def parse_layer_weights(text: str) -> tuple[tuple[str, float], ...]:
+    """``"fc:0.1, features.*:2"`` → ``(("fc", 0.1), ("features.*", 2.0))``.
+
+    Raises:
+        ValueError: an item without ``:``, or a weight that is not a number >= 0.
+    """
+    out = []
+    for item in parse_patterns(text):
+        pat, sep, w = item.rpartition(":")
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not pat.strip() or not weight >= 0:
+            raise ValueError(f"{item!r} is not PATTERN:WEIGHT with a weight >= 0")
+        out.append((pat.strip(), weight))
+    return tuple(out)

@@ -1,0 +1,99 @@
+"""Privacy of each defense: the server's attack on one real client reply per defense (no Ray, a few minutes).
+
+For every defense the real ClientApp ``train`` function is called on a Flower Message/Context (as in a run: the
+defense applies to the local step, secrets stay in ``Context.state``), the curious strategy receives the reply
+together with clean replies of the other clients, attacks the victim's update (the configured attack, through the
+same ``AttackPayload`` a run builds), applies any server step (GradDefense compensation) and the evaluator scores
+the reconstruction. Mean PSNR/SSIM over ``--images`` victims (different samples).
+
+    PYTHONPATH=$PWD python benchmarks/leakage_defenses.py [--attack idlg] [--model lenet-tanh] [--images 3]
+        [--defenses none,prune,...] [KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_DEFENSES = "none,prune,dp-gaussian,dp-laplace,soteria,graddefense,quantize"
+
+
+def _message(content, message_type: str = "train"):
+    from flwr.app import Message, Metadata
+
+    md = Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=1,
+                  reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600, message_type=message_type)
+    return Message(content=content, metadata=md)
+
+
+def attack_once(defense: str, image: int, attack: str, model: str, overrides: dict, out: Path) -> dict:
+    """One attack on client 0's reply under ``defense`` (seeded by ``image``); returns the attack record."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from clients.client_app import app
+    from fl_sim.config import resolve
+    from fl_sim.data import load_dataset
+    from fl_sim.models import build_model
+    from fl_sim.results import RunRecorder
+    from strategies.strategy import CuriousFedAvg, train_config
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    n = 3
+    cfg = resolve({"defense": defense, "model": model, "attack": attack, "num-supernodes": n, "seed": image,
+                   "attack-every": 1, "victim": "0", "out-dir": str(out), "run-name": f"{defense}-{image}",
+                   "lr-schedule": "constant", **overrides})
+    data = load_dataset(str(cfg["dataset"]), str(cfg["data-dir"]))
+    torch.manual_seed(image)
+    net = build_model(model, data.input_shape, data.num_classes)
+    strat = CuriousFedAvg(cfg, data, RunRecorder(out / f"{defense}-{image}", cfg))
+
+    class Grid:
+        def get_node_ids(self):
+            return list(range(1, n + 1))
+
+    glob = ArrayRecord(net.state_dict())
+    msgs = list(strat.configure_train(1, glob, train_config(cfg), Grid()))
+    replies = []
+    for pid, msg in enumerate(msgs):
+        ctx = Context(run_id=1, node_id=pid + 1, node_config={"partition-id": pid, "num-partitions": n},
+                      state=RecordDict(), run_config=dict(cfg))
+        content = RecordDict({"arrays": msg.content["arrays"], "config": ConfigRecord(dict(msg.content["config"]))})
+        replies.append(app(_message(content), ctx))
+    strat.aggregate_train(1, replies)
+    return strat._record["attacks"][0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--attack", default="idlg")
+    p.add_argument("--model", default="lenet-tanh")
+    p.add_argument("--images", type=int, default=3)
+    p.add_argument("--defenses", default=DEFAULT_DEFENSES)
+    p.add_argument("overrides", nargs="*", help="run-config KEY=VALUE")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    from fl_sim.config import parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    print(f"attack={args.attack} model={args.model} images={args.images} {overrides}")
+    print(f"{'defense':<14}{'PSNR dB':>9}{'SSIM':>8}{'label acc':>11}{'min':>7}{'max':>7}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for defense in args.defenses.split(","):
+            recs = [attack_once(defense, i, args.attack, args.model, overrides, Path(tmp)) for i in range(args.images)]
+            ps = [r["psnr"] for r in recs]
+            print(f"{defense:<14}{np.mean(ps):>9.2f}{np.mean([r['ssim'] for r in recs]):>8.3f}"
+                  f"{np.mean([r['label_accuracy'] for r in recs]):>11.2f}{min(ps):>7.2f}{max(ps):>7.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

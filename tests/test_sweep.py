@@ -1,0 +1,325 @@
+"""``fl-sim sweep`` and the sweep report: file checks, planning, resuming, the seed-001 table and the figures.
+
+Most tests build sweep files or fake cell directories and need no simulation. Two tests run Ray: the smoke sweep
+end to end (4 cells, ``--jobs 2``), and a sweep killed (SIGKILL of its process group) while a cell runs, then
+re-run: only the missing cell runs and the table equals the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+import tomli_w
+from typer.testing import CliRunner
+
+from fl_sim.cli import cli
+from fl_sim.config import ConfigError, parse_overrides
+from fl_sim.report import art_round_time, load_sweep_cells, write_sweep_report
+from fl_sim.sweep import (cell_command, cell_states, load_sweep, move_aside, plan, split_cpus)
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "sweeps" / "smoke.toml"
+EXE = Path(sys.executable).with_name("fl-sim")
+
+
+def write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# --- the sweep file -----------------------------------------------------------------------------------------------
+BAD_FILES = {
+    "unknown base key": ('[base]\nnum-rounds = 3\n[axes]\nseed = [0]\n', "num-rounds"),
+    "bad base value": ('[base]\nnum-server-rounds = 0\n[axes]\nseed = [0]\n', "num-server-rounds=0"),
+    "bad axis value": ('[axes]\nattack = ["dlg", "nope"]\n', "attack='nope'"),
+    "empty axis": ('[axes]\nseed = []\n', "axes.seed is an empty list"),
+    "list axis not a key": ('[axes]\nflavour = [1, 2]\n', "'flavour' is not one"),
+    "variant not a table": ('[axes.defense]\nnone = "none"\n', "axes.defense.none"),
+    "unknown key in variant": ('[axes.defense]\nx = {defence = "none"}\n', "defence"),
+    "two axes set one key": ('[axes]\nattack = ["dlg"]\n[axes.v]\na = {attack = "idlg"}\n', "both set attack"),
+    "duplicate value": ('[axes]\nseed = [1, 1]\n', "twice"),
+    "unknown table": ('[axis]\nseed = [0]\n', "'axis'"),
+    "no axes": ('[base]\nseed = 1\n', "[axes] is missing"),
+    "out-dir is the sweep's": ('[base]\nout-dir = "x"\n[axes]\nseed = [0]\n', "out-dir is set by the sweep"),
+    "invalid toml": ('[axes\nseed = [0]\n', "invalid TOML"),
+    "bad setting": ('[sweep]\ncolour = 1\n[axes]\nseed = [0]\n', "sweep.colour"),
+    "bad baseline": ('[sweep]\nbaseline = {defense = "zzz"}\n[axes]\ndefense = ["none"]\n', "sweep.baseline"),
+    "cross-key check of a cell": ('[base]\nnum-supernodes = 2\n[axes]\nvictim = ["0", "5"]\n', "victim='5'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_sweep_file_is_one_line_exit_2(tmp_path, case):
+    text, needle = BAD_FILES[case]
+    res = CliRunner().invoke(cli, ["sweep", str(write(tmp_path, text)), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fl-sim: error: "), res.stderr
+    assert needle in lines[0]
+    assert not (tmp_path / "out" / "cells").exists()  # nothing started
+
+
+def test_missing_file_and_bad_jobs_exit_2(tmp_path):
+    res = CliRunner().invoke(cli, ["sweep", str(tmp_path / "nope.toml")])
+    assert res.exit_code == 2 and "does not exist" in res.stderr
+    res = CliRunner().invoke(cli, ["sweep", str(SMOKE), "--jobs", "0"])
+    assert res.exit_code == 2 and "--jobs=0" in res.stderr
+
+
+def test_plan_is_the_product_with_variants_and_base(tmp_path):
+    spec = load_sweep(write(tmp_path, """
+[base]
+num-supernodes = 3
+lr = 0.05
+[axes]
+seed = [0, 1, 2]
+[axes.defense]
+none = { defense = "none" }
+slow = { defense = "none", lr = 0.01 }
+"""))
+    cells = plan(spec)
+    assert len(cells) == 6 and len({c.id for c in cells}) == 6
+    assert [c.labels["seed"] for c in cells[:2]] == ["0", "0"]  # the last axis varies fastest
+    slow = [c for c in cells if c.labels["defense"] == "slow"]
+    assert all(c.config["lr"] == 0.01 and c.config["num-supernodes"] == 3 for c in slow)  # variant over base
+    assert all(c.config["lr"] == 0.05 for c in cells if c.labels["defense"] == "none")
+    assert sorted(c.config["seed"] for c in slow) == [0, 1, 2]
+    assert spec.baseline == ("defense", "none") and spec.average == ["seed"]
+
+
+def test_cell_command_round_trips_and_caps_client_cpus(tmp_path):
+    spec = load_sweep(write(tmp_path, """
+[base]
+client-num-cpus = 2.0
+lr = 0.1
+attack-time-limit = 30
+audit = true
+[axes]
+victim = ["random", "1"]
+"""))
+    for cell in plan(spec):
+        cmd = cell_command(cell, tmp_path / cell.id, cpus=1)
+        assert cmd[1:4] == ["-m", "fl_sim.cli", "run"] and cmd[-2:] == ["--out", str(tmp_path / cell.id)]
+        parsed = parse_overrides(cmd[4:-2])
+        assert parsed.pop("client-num-cpus") == 1.0  # capped to the cores the cell gets
+        assert parsed == {k: v for k, v in cell.overrides.items() if k != "client-num-cpus"}
+
+
+def test_split_cpus_is_disjoint_and_never_oversubscribes():
+    assert split_cpus([0, 1], 2) == [[0], [1]]
+    assert split_cpus([0, 1], 5) == [[0], [1]]
+    assert split_cpus([0, 1, 2, 3, 4], 2) == [[0, 1, 2], [3, 4]]
+    assert split_cpus([3, 7], 1) == [[3, 7]]
+    with pytest.raises(ValueError):
+        split_cpus([0, 1], 0)
+
+
+# --- fake cells: states, resume bookkeeping, the table ---------------------------------------------------------
+def fake_cell(out: Path, cell, psnr: float, acc: float, round_times: list[float], status: str = "completed",
+              ssim: float = 0.5, image: bool = False) -> Path:
+    """A run directory as ``fl-sim run`` leaves it, with chosen numbers."""
+    d = out / "cells" / cell.id
+    (d / "attacks").mkdir(parents=True, exist_ok=True)
+    (d / "config.toml").write_text(tomli_w.dumps(cell.config))
+    (d / "cell.json").write_text(json.dumps(cell.record()))
+    records = [{"round": i + 1, "round_time_s": t, "accuracy": acc * (i + 1) / len(round_times), "attacks": []}
+               for i, t in enumerate(round_times)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    attack = {"round": 1, "client": "0", "attack": cell.config["attack"], "psnr": psnr, "ssim": ssim}
+    if image:
+        mpimg.imsave(d / "attacks" / "round_0001.png", np.random.default_rng(0).random((20, 10, 3)))
+        attack["image"] = "attacks/round_0001.png"
+    summary = {"status": status, "rounds": len(round_times), "final_accuracy": acc, "attacks": [attack],
+               "attack_means": {"psnr": psnr, "ssim": ssim}}
+    (d / "summary.json").write_text(json.dumps(summary))
+    return d
+
+
+TABLE_SWEEP = """
+[base]
+num-server-rounds = 3
+[axes]
+dataset = ["fashion-mnist"]
+attack = ["dlg", "idlg"]
+seed = [0, 1]
+[axes.defense]
+none = { defense = "none" }
+slower = { defense = "none", lr = 0.01 }
+"""
+
+
+def test_cell_states_and_move_aside(tmp_path):
+    spec = load_sweep(write(tmp_path, TABLE_SWEEP))
+    cells = plan(spec)
+    out = tmp_path / "out"
+    done = fake_cell(out, cells[0], 10, 0.5, [9.0, 1.0, 1.0])
+    fake_cell(out, cells[1], 10, 0.5, [9.0, 1.0, 1.0], status="interrupted")
+    half = fake_cell(out, cells[2], 10, 0.5, [9.0, 1.0])
+    (half / "summary.json").unlink()  # a cell killed after two rounds
+    states = cell_states(out, cells)
+    assert states[cells[0].id] == "done"
+    assert states[cells[1].id] == "partial" and states[cells[2].id] == "partial"
+    assert all(states[c.id] == "missing" for c in cells[3:])
+    moved = move_aside(out, half)
+    assert not half.exists() and (moved / "metrics.jsonl").read_text().count("\n") == 2  # kept, not deleted
+    assert moved.parent == out / "attic"
+    # a finished cell whose config differs from what the sweep now asks is refused, not overwritten
+    spec2 = load_sweep(write(tmp_path, TABLE_SWEEP.replace("num-server-rounds = 3", "num-server-rounds = 4"),
+                             "s2.toml"))
+    with pytest.raises(ConfigError, match="num-server-rounds=3"):
+        cell_states(out, plan(spec2))
+    assert (done / "summary.json").is_file()
+
+
+def test_art_leaves_out_round_one():
+    assert art_round_time([{"round": 1, "round_time_s": 15.0}, {"round": 2, "round_time_s": 0.1},
+                           {"round": 3, "round_time_s": 0.3}]) == pytest.approx(0.2)
+    assert art_round_time([{"round": 1, "round_time_s": 2.0}]) == 2.0
+    assert art_round_time([]) is None
+
+
+def test_sweep_table_numbers_layout_and_figures(tmp_path):
+    spec = load_sweep(write(tmp_path, TABLE_SWEEP))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sweep.json").write_text(json.dumps(spec.settings()))
+    rng = np.random.default_rng(1)
+    truth = {}
+    for cell in plan(spec):
+        slow = cell.labels["defense"] == "slower"
+        psnr, acc = float(rng.uniform(8, 40)), float(rng.uniform(0.1, 0.9))
+        base_t = 0.1 + 0.01 * int(cell.labels["seed"])
+        t = base_t * (1.25 if slow else 1.0)
+        fake_cell(out, cell, psnr, acc, [20.0, t, t], image=True)  # round 1 (start-up) must not count
+        truth[(cell.labels["attack"], cell.labels["defense"], cell.labels["seed"])] = (psnr, acc)
+    md = write_sweep_report(out).read_text()
+    rows = list(csv.reader((out / "table.csv").open()))
+    assert rows[0] == ["attack", "metric", "fashion-mnist/none", "fashion-mnist/slower"]
+    body = {(r[0], r[1]): r[2:] for r in rows[1:]}
+    assert len(rows) == 1 + 2 * 9  # per attack: 4 means, 4 stds, n
+    for attack in ("dlg", "idlg"):
+        for j, defense in enumerate(("none", "slower")):
+            psnrs = [truth[(attack, defense, s)][0] for s in "01"]
+            accs = [truth[(attack, defense, s)][1] * 100 for s in "01"]
+            assert float(body[(attack, "PSNR")][j]) == pytest.approx(np.mean(psnrs), rel=1e-5)
+            assert float(body[(attack, "PSNR std")][j]) == pytest.approx(np.std(psnrs, ddof=1), rel=1e-5)
+            assert float(body[(attack, "ACC")][j]) == pytest.approx(np.mean(accs), rel=1e-5)
+            assert body[(attack, "n")][j] == "2"
+        assert float(body[(attack, "ART")][1]) == pytest.approx(25.0, rel=1e-4)
+        assert float(body[(attack, "ART")][0]) == 0.0
+    assert md.count("| PSNR |") == 2 and "## attack = dlg" in md and "+25.00%" in md and "| ref |" in md
+    for png in ("accuracy-fashion-mnist.png", "privacy-utility.png", "montage-fashion-mnist.png"):
+        assert mpimg.imread(out / png).ndim == 3, png
+        assert f"({png})" in md
+    # the report needs the run directories alone (sweep.json gone: the axes are read from cell.json)
+    (out / "sweep.json").unlink()
+    (out / "table.csv").unlink()
+    res = CliRunner().invoke(cli, ["report", str(out)])
+    assert res.exit_code == 0, res.output
+    assert list(csv.reader((out / "table.csv").open())) == rows
+
+
+def test_report_refuses_other_directories(tmp_path):
+    res = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert res.exit_code == 2 and "neither a run directory" in res.stderr
+
+
+# --- real sweeps (Ray) ---------------------------------------------------------------------------------------------
+def table_without_timing(path: Path) -> list[list[str]]:
+    """``table.csv`` without the ART rows (round times are measurements, never equal twice)."""
+    return [r for r in csv.reader(path.open()) if not r[1].startswith("ART")]
+
+
+def session_processes(sid: int) -> list[str]:
+    ps = subprocess.run(["ps", "-eo", "sid=,pid=,args="], capture_output=True, text=True).stdout
+    return [line for line in ps.splitlines() if line.split() and line.split()[0] == str(sid)]
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "smoke"
+    proc = subprocess.run([str(EXE), "sweep", str(SMOKE), "--jobs", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_smoke_sweep_end_to_end(smoke_sweep):
+    out, proc = smoke_sweep
+    assert "4 cells ran, 0 were already done, 0 did not finish" in proc.stdout
+    cells = load_sweep_cells(out)
+    assert len(cells) == 4
+    assert {(c["labels"]["attack"], c["labels"]["seed"]) for c in cells} == {
+        (a, s) for a in ("DLG", "iDLG") for s in ("0", "1")}
+    for c in cells:
+        assert c["summary"]["rounds"] == 2 and c["cfg"]["attack"] == c["labels"]["attack"].lower()
+        assert c["cfg"]["client-num-cpus"] == 1.0 and len(c["summary"]["attacks"]) == 1
+    rows = list(csv.reader((out / "table.csv").open()))
+    assert rows[0] == ["attack", "metric", "fashion-mnist/none"]
+    assert [r[1] for r in rows[1:10]] == ["PSNR", "SSIM", "ACC", "ART", "PSNR std", "SSIM std", "ACC std",
+                                          "ART std", "n"]
+    assert {r[0] for r in rows[1:]} == {"DLG", "iDLG"} and len(rows) == 19
+    for r in rows[1:]:
+        if r[1] in ("PSNR", "ACC"):
+            assert float(r[2]) > 0
+    md = (out / "table.md").read_text()
+    assert md.count("| PSNR |") == 2 and "| ART | ref |" in md
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["accuracy-fashion-mnist.png", "montage-fashion-mnist.png", "privacy-utility.png"]
+    for p in pngs:
+        img = mpimg.imread(out / p)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_killed_sweep_resumes_only_missing_cells(smoke_sweep, tmp_path):
+    ref, _ = smoke_sweep
+    out = tmp_path / "resumed"
+    shutil.copytree(ref, out)
+    victim = out / "cells" / "defense=none__seed=1__attack=iDLG"
+    shutil.rmtree(victim)  # this cell never ran; the other three are done
+    before = {p.parent.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("cells/*/summary.json")}
+    cmd = [str(EXE), "sweep", str(SMOKE), "--jobs", "1", "--out", str(out)]
+    sweep = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (victim / "config.toml").exists():  # the cell's simulation has started (Ray is up)
+        assert sweep.poll() is None and time.time() < deadline, "the cell never started"
+        time.sleep(0.1)
+    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    child = next(int(line.split()[0]) for line in ps.splitlines() if "fl_sim.cli run" in line and str(out) in line)
+    os.killpg(sweep.pid, signal.SIGKILL)  # a crash: the sweep gets no chance to clean up
+    sweep.wait()
+    with open(out / ".lock") as f:  # the cell holds the sweep's lock until it has stopped
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.time() < deadline, "the orphaned cell did not stop"
+                time.sleep(0.2)
+    time.sleep(1.0)
+    assert session_processes(child) == []  # the cell and its Ray processes are gone
+    summary = json.loads((victim / "summary.json").read_text()) if (victim / "summary.json").exists() else {}
+    assert summary.get("status") != "completed"
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 cells ran, 3 were already done, 0 did not finish" in proc.stdout
+    after = {p.parent.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("cells/*/summary.json")}
+    assert {k: after[k] for k in before} == before  # finished cells untouched
+    assert json.loads((victim / "summary.json").read_text())["status"] == "completed"
+    attic = list((out / "attic").iterdir())
+    assert len(attic) == 1 and attic[0].name.startswith(victim.name + "@")  # the half-written cell, kept
+    assert table_without_timing(out / "table.csv") == table_without_timing(ref / "table.csv")

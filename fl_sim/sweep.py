@@ -597,7 +597,7 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, dry_run: bool = False, 
         for c in pending:
             if states[c.id] == "partial":
                 result.moved.append((c.id, move_aside(out, out / "cells" / c.id)))
-        groups = groups[:max(1, min(len(groups), len(pending)))]
+        groups = split_cpus(usable_cpus(), max(1, min(jobs, len(pending))))  # fewer cells than jobs: more cores
         console.print(f"fl-sim sweep {spec.path}: {len(cells)} cells, {len(result.skipped)} done, "
                       f"{len(result.moved)} unfinished moved to attic/, {len(pending)} to run with "
                       f"{len(groups)} job(s) × {len(groups[0])} core(s) → {out}")

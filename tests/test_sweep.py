@@ -243,9 +243,19 @@ def table_without_timing(path: Path) -> list[list[str]]:
     return [r for r in csv.reader(path.open()) if not r[1].startswith("ART")]
 
 
-def session_processes(sid: int) -> list[str]:
-    ps = subprocess.run(["ps", "-eo", "sid=,pid=,args="], capture_output=True, text=True).stdout
-    return [line for line in ps.splitlines() if line.split() and line.split()[0] == str(sid)]
+def processes() -> list[tuple[int, int, str]]:
+    """``(pid, session id, command line)`` of every process, from ``/proc``."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        out.append((int(d.name), int(stat.rsplit(")", 1)[1].split()[3]), cmdline))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -284,6 +294,18 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
 
 
+def kill_when_cell_runs(sweep: subprocess.Popen, cell_dir: Path, out: Path) -> int:
+    """SIGKILL the sweep's process group once ``cell_dir``'s simulation has started; return the cell's pid."""
+    deadline = time.time() + 300
+    while not (cell_dir / "config.toml").exists():  # written by the cell's ServerApp: Ray is up
+        assert sweep.poll() is None and time.time() < deadline, "the cell never started"
+        time.sleep(0.1)
+    child = next(pid for pid, _, cmd in processes() if "fl_sim.cli run" in cmd and str(out) in cmd)
+    os.killpg(sweep.pid, signal.SIGKILL)  # a crash: the sweep gets no chance to clean up
+    sweep.wait()
+    return child
+
+
 def test_killed_sweep_resumes_only_missing_cells(smoke_sweep, tmp_path):
     ref, _ = smoke_sweep
     out = tmp_path / "resumed"
@@ -293,14 +315,13 @@ def test_killed_sweep_resumes_only_missing_cells(smoke_sweep, tmp_path):
     before = {p.parent.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("cells/*/summary.json")}
     cmd = [str(EXE), "sweep", str(SMOKE), "--jobs", "1", "--out", str(out)]
     sweep = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        child = kill_when_cell_runs(sweep, victim, out)
+    finally:  # never leave a sweep behind, even when an assertion fails
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+            sweep.wait()
     deadline = time.time() + 300
-    while not (victim / "config.toml").exists():  # the cell's simulation has started (Ray is up)
-        assert sweep.poll() is None and time.time() < deadline, "the cell never started"
-        time.sleep(0.1)
-    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    child = next(int(line.split()[0]) for line in ps.splitlines() if "fl_sim.cli run" in line and str(out) in line)
-    os.killpg(sweep.pid, signal.SIGKILL)  # a crash: the sweep gets no chance to clean up
-    sweep.wait()
     with open(out / ".lock") as f:  # the cell holds the sweep's lock until it has stopped
         while True:
             try:
@@ -309,8 +330,13 @@ def test_killed_sweep_resumes_only_missing_cells(smoke_sweep, tmp_path):
             except BlockingIOError:
                 assert time.time() < deadline, "the orphaned cell did not stop"
                 time.sleep(0.2)
-    time.sleep(1.0)
-    assert session_processes(child) == []  # the cell and its Ray processes are gone
+    left = [cmd for _, sid, cmd in processes() if sid == child]
+    for _ in range(20):  # the cell and the Ray processes it started are gone (Ray's may take a moment)
+        if not left:
+            break
+        time.sleep(0.5)
+        left = [cmd for _, sid, cmd in processes() if sid == child]
+    assert left == []
     summary = json.loads((victim / "summary.json").read_text()) if (victim / "summary.json").exists() else {}
     assert summary.get("status") != "completed"
 

@@ -168,15 +168,19 @@ def sweep(
     out: Path = typer.Option(None, "--out", help="sweep directory (default: sweeps-out/<file stem>)"),
     jobs: int = typer.Option(1, "--jobs", help="cells run at once; the cores are split between them"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and what would run, then stop"),
+    retries: int = typer.Option(1, "--retries", help="times a failed cell is run again before the sweep ends"),
 ) -> None:
     """Run one simulation per cell of a grid of run keys (resumable), then write the seed-001 table and figures."""
     from fl_sim.sweep import default_out, load_sweep, run_sweep
 
     if jobs < 1:
         fail(f"--jobs={jobs} is not allowed; --jobs must be an integer >= 1")
+    if retries < 0:
+        fail(f"--retries={retries} is not allowed; --retries must be an integer >= 0")
     try:
         spec = load_sweep(file)
-        result = run_sweep(spec, out if out is not None else default_out(file), jobs=jobs, dry_run=dry_run)
+        result = run_sweep(spec, out if out is not None else default_out(file), jobs=jobs, dry_run=dry_run,
+                           retries=retries)
     except ConfigError as exc:
         fail(str(exc))
     except KeyboardInterrupt:

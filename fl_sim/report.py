@@ -385,6 +385,8 @@ def sweep_figures(cells: list[dict[str, Any]], settings: dict[str, Any], sweep_d
 
     matplotlib.use("Agg")
     import matplotlib.image as mpimg
+    import textwrap
+
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
     import numpy as np
@@ -465,7 +467,8 @@ def sweep_figures(cells: list[dict[str, Any]], settings: dict[str, Any], sweep_d
 
     for g in groups:
         nrow, ncol = max(1, len(lines_order)), max(1, len(markers_order))
-        fig, axes = plt.subplots(nrow, ncol, figsize=(2.8 * ncol + 0.6, 3.2 * nrow + 0.6), squeeze=False)
+        width = max(5.0, 2.8 * ncol + 0.6)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(width, 2.9 * nrow + 0.8), squeeze=False)
         for i, (label,) in enumerate(lines_order or [("",)]):
             for j, (mlabel,) in enumerate(markers_order):
                 ax = axes[i][j]
@@ -488,8 +491,9 @@ def sweep_figures(cells: list[dict[str, Any]], settings: dict[str, Any], sweep_d
                             rotation=90)
                 if i == 0 and marker_name:
                     ax.set_title(f"{marker_name} = {mlabel}", fontsize=9)
-        fig.suptitle(f"reconstructions (rows: {line_name}" + (f", columns: {marker_name}" if marker_name else "")
-                     + ")" + (f" — {' · '.join(g)}" if g else ""), fontsize=10)
+        title = (f"reconstructions (rows: {line_name}" + (f", columns: {marker_name}" if marker_name else "") + ")"
+                 + (f" — {' · '.join(g)}" if g else ""))
+        fig.suptitle("\n".join(textwrap.wrap(title, width=int(width * 11))), fontsize=10)
         fig.tight_layout()
         path = sweep_dir / f"montage{suffix(g)}.png"
         fig.savefig(path, dpi=100)

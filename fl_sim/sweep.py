@@ -512,6 +512,7 @@ class SweepResult:
         moved: ``(id, attic path)`` of unfinished cells moved aside.
         ran: ids of cells that completed in this call.
         failed: ``(id, reason)`` of cells that did not complete.
+        retried: ``(id, reason)`` of failed attempts that were run again.
         interrupted: the sweep was stopped (Ctrl-C) before every cell ran.
         wall_time_s: seconds spent.
         report: ``table.md`` (``None`` on a dry run).
@@ -522,6 +523,7 @@ class SweepResult:
     moved: list[tuple[str, Path]] = field(default_factory=list)
     ran: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    retried: list[tuple[str, str]] = field(default_factory=list)
     interrupted: bool = False
     wall_time_s: float = 0.0
     report: Path | None = None
@@ -535,11 +537,19 @@ def _count_lines(path: Path) -> int:
         return 0
 
 
-def _last_line(path: Path) -> str:
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(?:Error|Exception):")
+
+
+def _failure(path: Path) -> str:
+    """The most telling line of a failed cell's log: the first exception line of a traceback (the root cause),
+    else the last line mentioning an error, else the last line."""
     try:
         lines = [x.strip() for x in path.read_text(errors="replace").splitlines() if x.strip()]
     except OSError:
-        return ""
+        return "no log"
+    causes = [x for x in lines if _EXCEPTION_LINE.match(x)]
+    if causes:
+        return causes[0][:300]
     errors = [x for x in lines if "error" in x.lower()]
     return (errors or lines or ["no output"])[-1][:300]
 
@@ -550,7 +560,7 @@ def default_out(path: Path) -> Path:
 
 
 def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, dry_run: bool = False, console: Any = None,
-              poll_s: float = 0.5) -> SweepResult:
+              poll_s: float = 0.5, retries: int = 1) -> SweepResult:
     """Run every cell of ``spec`` that is not done in ``out``, ``jobs`` at a time, then write the sweep report.
 
     Args:
@@ -560,6 +570,7 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, dry_run: bool = False, 
         dry_run: plan and print, but write and run nothing.
         console: a ``rich.console.Console`` for the plan and the progress bar (default: stderr).
         poll_s: seconds between checks of the running cells.
+        retries: times a failed cell is run again in this call (after the others; its directory is moved aside).
 
     Returns:
         A :class:`SweepResult`.
@@ -602,7 +613,7 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, dry_run: bool = False, 
                       f"{len(result.moved)} unfinished moved to attic/, {len(pending)} to run with "
                       f"{len(groups)} job(s) × {len(groups[0])} core(s) → {out}")
         if pending:
-            _run_pending(pending, out, groups, result, lock_fd, poll_s,
+            _run_pending(pending, out, groups, result, lock_fd, poll_s, retries=retries, progress=
                          Progress(TextColumn("[bold]cells"), BarColumn(), TaskProgressColumn(),
                                   TextColumn("{task.fields[done]}/{task.total:.0f} {task.description}"),
                                   TimeElapsedColumn(), console=console))
@@ -614,13 +625,14 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, dry_run: bool = False, 
 
 
 def _run_pending(pending: list[Cell], out: Path, groups: list[list[int]], result: SweepResult, lock_fd: int,
-                 poll_s: float, progress: Any) -> None:
+                 poll_s: float, progress: Any, retries: int) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_project_root()), env.get("PYTHONPATH", "")) if p)
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     queue = collections.deque(pending)
     free = list(range(len(groups)))
     running: dict[int, _Job] = {}
+    tries = {c.id: 0 for c in pending}
     base_done = len(result.skipped)
     total = base_done + len(pending)
     task = progress.add_task("", total=total, completed=base_done, done=base_done)
@@ -650,12 +662,22 @@ def _run_pending(pending: list[Cell], out: Path, groups: list[list[int]], result
             free.append(slot)
             if rc == 0 and is_done(job.dir):
                 result.ran.append(job.cell.id)
+                continue
+            if stopping:
+                result.failed.append((job.cell.id, "interrupted"))
+                continue
+            reason = f"exit {rc}: {_failure(job.dir / 'cell.log')}"
+            if tries[job.cell.id] < retries:  # e.g. Ray failing to start on a loaded machine: try again, last
+                tries[job.cell.id] += 1
+                moved = move_aside(out, job.dir)
+                result.retried.append((job.cell.id, reason))
+                progress.console.print(f"[yellow]cell {job.cell.id} failed ({reason}); kept in {moved}, will "
+                                       f"retry[/yellow]")
+                queue.append(job.cell)
             else:
-                reason = "interrupted" if stopping else f"exit {rc}: {_last_line(job.dir / 'cell.log')}"
                 result.failed.append((job.cell.id, reason))
-                if not stopping:
-                    progress.console.print(f"[red]cell {job.cell.id} failed ({reason}); see "
-                                           f"{job.dir / 'cell.log'}[/red]")
+                progress.console.print(f"[red]cell {job.cell.id} failed ({reason}); see "
+                                       f"{job.dir / 'cell.log'}[/red]")
 
     def show() -> None:
         partial = sum(min(1.0, _count_lines(j.dir / "metrics.jsonl") / j.rounds) for j in running.values())

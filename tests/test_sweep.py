@@ -237,6 +237,71 @@ def test_report_refuses_other_directories(tmp_path):
     assert res.exit_code == 2 and "neither a run directory" in res.stderr
 
 
+# --- the runner with fake cells (no Ray): retries, resume bookkeeping -----------------------------------------
+def fake_cells(monkeypatch, tmp_path: Path, failing: set[str]) -> None:
+    """Replace each cell's ``fl-sim run`` by a tiny script that writes a finished run directory; cells whose id is
+    in ``failing`` fail on their first attempt (a traceback line, exit 1)."""
+    import fl_sim.sweep as sweep_mod
+
+    (tmp_path / "fake").mkdir(exist_ok=True)
+
+    def command(cell, cell_dir, cpus):
+        cfg = tmp_path / "fake" / f"{cell.id}.toml"
+        cfg.write_text(tomli_w.dumps(cell.config))
+        marker = tmp_path / "fake" / f"{cell.id}.tried"
+        rounds = cell.config["num-server-rounds"]
+        code = f"""
+import json, pathlib, shutil, sys
+d, marker = pathlib.Path({str(cell_dir)!r}), pathlib.Path({str(marker)!r})
+if {cell.id in failing} and not marker.exists():
+    marker.write_text("x")
+    print("Traceback (most recent call last):")
+    print("ValueError: boom")
+    sys.exit(1)
+shutil.copy({str(cfg)!r}, d / "config.toml")
+(d / "metrics.jsonl").write_text(json.dumps({{"round": 1, "round_time_s": 1.0, "accuracy": 0.5}}) + "\\n")
+(d / "summary.json").write_text(json.dumps({{"status": "completed", "rounds": {rounds}, "final_accuracy": 0.5,
+                                             "attack_means": {{"psnr": 10.0, "ssim": 0.1}}, "attacks": []}}))
+"""
+        return [sys.executable, "-c", code]
+
+    monkeypatch.setattr(sweep_mod, "cell_command", command)
+
+
+def test_failed_cell_is_retried_then_resumed(monkeypatch, tmp_path):
+    from fl_sim.sweep import run_sweep
+
+    spec = load_sweep(write(tmp_path, "[base]\nnum-server-rounds = 1\n[axes]\nseed = [0, 1, 2]\n"))
+    ids = [c.id for c in plan(spec)]
+    out = tmp_path / "out"
+    fake_cells(monkeypatch, tmp_path, failing={ids[1]})
+    res = run_sweep(spec, out, jobs=2, poll_s=0.02, retries=1)
+    assert sorted(res.ran) == sorted(ids) and res.failed == []
+    assert [(cid, reason) for cid, reason in res.retried] == [(ids[1], "exit 1: ValueError: boom")]
+    assert [p.name.split("@")[0] for p in (out / "attic").iterdir()] == [ids[1]]  # the failed try, kept
+    assert (out / "table.md").is_file() and (out / "privacy-utility.png").is_file()
+
+    # without retries the failure is reported; the next call runs that cell only
+    out2 = tmp_path / "out2"
+    for marker in (tmp_path / "fake").glob("*.tried"):
+        marker.unlink()
+    res = run_sweep(spec, out2, jobs=1, poll_s=0.02, retries=0)
+    assert sorted(res.ran) == [ids[0], ids[2]] and [cid for cid, _ in res.failed] == [ids[1]]
+    stamps = {i: (out2 / "cells" / i / "summary.json").stat().st_mtime_ns for i in (ids[0], ids[2])}
+    res = run_sweep(spec, out2, jobs=1, poll_s=0.02, retries=0)
+    assert res.ran == [ids[1]] and sorted(res.skipped) == [ids[0], ids[2]] and res.failed == []
+    assert [m[0] for m in res.moved] == [ids[1]]
+    assert {i: (out2 / "cells" / i / "summary.json").stat().st_mtime_ns for i in stamps} == stamps
+
+
+def test_second_sweep_on_a_busy_directory_is_refused(tmp_path):
+    from fl_sim.sweep import sweep_lock
+
+    with sweep_lock(tmp_path / "out"):
+        res = CliRunner().invoke(cli, ["sweep", str(SMOKE), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "another fl-sim sweep" in res.stderr
+
+
 # --- real sweeps (Ray) ---------------------------------------------------------------------------------------------
 def table_without_timing(path: Path) -> list[list[str]]:
     """``table.csv`` without the ART rows (round times are measurements, never equal twice)."""

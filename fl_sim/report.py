@@ -1,7 +1,9 @@
-"""Figures and ``report.md`` for a run directory, rebuilt from the files in it alone."""
+"""Figures and reports rebuilt from files alone: ``report.md`` for a run directory; seed 001's table
+(``table.md``, ``table.csv``) and figures for a sweep directory (``fl-sim sweep``, :mod:`fl_sim.sweep`)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import tomllib
 from pathlib import Path
@@ -197,14 +199,23 @@ def _label_of(cell: dict[str, Any], name: str) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
-def _order(cells: list[dict[str, Any]], names: list[str], settings: dict[str, Any]) -> list[tuple[str, ...]]:
-    """The distinct label tuples of ``names`` over ``cells``, in axis order (then first appearance)."""
+def _order(cells: list[dict[str, Any]], names: list[str], settings: dict[str, Any],
+           complete: bool = False) -> list[tuple[str, ...]]:
+    """The distinct label tuples of ``names`` over ``cells``, in axis order (then first appearance).
+
+    With ``complete``, every label of every axis among ``names`` is included, finished cells or not (so a table
+    keeps its shape while cells are missing); names that are not axes take the values the cells have.
+    """
     axis_labels = {a["name"]: a["labels"] for a in settings["axes"]}
     seen: list[tuple[str, ...]] = []
     for c in cells:
         key = tuple(_label_of(c, n) for n in names)
         if key not in seen:
             seen.append(key)
+    if complete:
+        values = [list(axis_labels[n]) if n in axis_labels else list(dict.fromkeys(k[i] for k in seen))
+                  for i, n in enumerate(names)]
+        seen = list(itertools.product(*values))
 
     def rank(key: tuple[str, ...]) -> list[int]:
         return [axis_labels[n].index(k) if n in axis_labels and k in axis_labels[n] else 10**6
@@ -260,9 +271,9 @@ def sweep_table(cells: list[dict[str, Any]], settings: dict[str, Any]) -> dict[s
         return {"PSNR": means.get("psnr"), "SSIM": means.get("ssim"),
                 "ACC": None if acc is None else acc * 100.0, "ART": art(cell)}
 
-    column_keys = _order(cells, columns, settings)
+    column_keys = _order(cells, columns, settings, complete=True)
     panels = []
-    for pkey in _order(cells, panel_axes, settings):
+    for pkey in _order(cells, panel_axes, settings, complete=True):
         in_panel = [c for c in cells if tuple(_label_of(c, a) for a in panel_axes) == pkey]
         rows: dict[str, list[tuple[float | None, float | None, int]]] = {r: [] for r, _ in SWEEP_ROWS}
         for ckey in column_keys:

@@ -232,6 +232,20 @@ def test_sweep_table_numbers_layout_and_figures(tmp_path):
     assert list(csv.reader((out / "table.csv").open())) == rows
 
 
+def test_table_keeps_its_shape_while_cells_are_missing(tmp_path):
+    spec = load_sweep(write(tmp_path, TABLE_SWEEP))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sweep.json").write_text(json.dumps(spec.settings()))
+    for cell in plan(spec):
+        if cell.labels["defense"] == "none":  # every "slower" cell is still missing
+            fake_cell(out, cell, 20.0, 0.5, [5.0, 1.0, 1.0])
+    md = write_sweep_report(out).read_text()
+    rows = {(r[0], r[1]): r[2:] for r in csv.reader((out / "table.csv").open())}
+    assert rows[("dlg", "PSNR")] == ["20", ""] and rows[("dlg", "n")] == ["2", "0"]
+    assert "4 of 8 cells finished" in md and "| PSNR | 20.00 ± 0.00 | – |" in md
+
+
 def test_report_refuses_other_directories(tmp_path):
     res = CliRunner().invoke(cli, ["report", str(tmp_path)])
     assert res.exit_code == 2 and "neither a run directory" in res.stderr

@@ -410,7 +410,7 @@ def test_killed_sweep_resumes_only_missing_cells(smoke_sweep, tmp_path):
                 assert time.time() < deadline, "the orphaned cell did not stop"
                 time.sleep(0.2)
     left = [cmd for _, sid, cmd in processes() if sid == child]
-    for _ in range(20):  # the cell and the Ray processes it started are gone (Ray's may take a moment)
+    for _ in range(60):  # the cell and the Ray processes it started are gone (Ray's agents may take a moment)
         if not left:
             break
         time.sleep(0.5)
@@ -421,12 +421,13 @@ def test_killed_sweep_resumes_only_missing_cells(smoke_sweep, tmp_path):
 
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "1 cells ran, 3 were already done, 0 did not finish" in proc.stdout
+    assert "1 cells ran, 3 were already done, 0 did not finish" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     after = {p.parent.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("cells/*/summary.json")}
     assert {k: after[k] for k in before} == before  # finished cells untouched
     assert json.loads((victim / "summary.json").read_text())["status"] == "completed"
-    attic = list((out / "attic").iterdir())
-    assert len(attic) == 1 and attic[0].name.startswith(victim.name + "@")  # the half-written cell, kept
+    attic = sorted(p.name for p in (out / "attic").iterdir())
+    # the half-written cell, kept (plus a failed try if Ray could not start on a loaded machine and it was retried)
+    assert attic and all(name.startswith(victim.name + "@") for name in attic), attic
     assert table_without_timing(out / "table.csv") == table_without_timing(ref / "table.csv")
 
 

@@ -582,7 +582,7 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, dry_run: bool = False, 
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     start = time.time()
     out = Path(out).expanduser().resolve()
     cells = plan(spec)

@@ -452,3 +452,4 @@ def test_seed001_sweep_file_plans_the_table():
                                    for c in muted)
     assert all(c.config["attack-ignore-layers"] == "" for c in cells if c.labels["defense"] == "PLD")
     assert {c.config["data-dir"] for c in cells} == {"/usr/share/datasets/fashion-mnist"}
+    assert {c.config["defense-prune-rate"] for c in cells if c.labels["defense"] == "GC"} == {95.0}

@@ -498,7 +498,6 @@ class _Job:
     proc: subprocess.Popen
     slot: int
     log: Any
-    started: float
     rounds: int
 
 
@@ -650,7 +649,7 @@ def _run_pending(pending: list[Cell], out: Path, groups: list[list[int]], result
         proc = subprocess.Popen(cell_command(cell, d, len(cpus)), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=job_env, start_new_session=True,
                                 pass_fds=(lock_fd,), preexec_fn=_child_setup(cpus, os.getpid()))
-        running[slot] = _Job(cell, d, proc, slot, log, time.time(), int(cell.config["num-server-rounds"]))
+        running[slot] = _Job(cell, d, proc, slot, log, int(cell.config["num-server-rounds"]))
 
     def reap() -> None:
         for slot, job in list(running.items()):

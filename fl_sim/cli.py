@@ -150,13 +150,53 @@ def keys(toml: bool = typer.Option(False, "--toml", help="print the [tool.flwr.a
 
 
 @cli.command()
-def report(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
-    """Rebuild a run directory's figures and report.md from its files."""
-    from fl_sim.report import write_run_report
+def report(run_dir: Path = typer.Argument(..., help="a run directory or a sweep directory")) -> None:
+    """Rebuild a run directory's figures and report.md, or a sweep directory's table and figures, from its files."""
+    from fl_sim.report import is_sweep_dir, write_run_report, write_sweep_report
 
-    if not (run_dir / "config.toml").is_file():
-        fail(f"{run_dir} is not a run directory (no config.toml)")
-    typer.echo(str(write_run_report(run_dir)))
+    if (run_dir / "config.toml").is_file():
+        typer.echo(str(write_run_report(run_dir)))
+    elif is_sweep_dir(run_dir):
+        typer.echo(str(write_sweep_report(run_dir)))
+    else:
+        fail(f"{run_dir} is neither a run directory (no config.toml) nor a sweep directory (no sweep.json or cells/)")
+
+
+@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+def sweep(
+    file: Path = typer.Argument(..., help="sweep file (TOML: [sweep], [base], [axes]; see docs/sweeps.md)"),
+    out: Path = typer.Option(None, "--out", help="sweep directory (default: sweeps-out/<file stem>)"),
+    jobs: int = typer.Option(1, "--jobs", help="cells run at once; the cores are split between them"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and what would run, then stop"),
+    retries: int = typer.Option(1, "--retries", help="times a failed cell is run again before the sweep ends"),
+) -> None:
+    """Run one simulation per cell of a grid of run keys (resumable), then write the seed-001 table and figures."""
+    from fl_sim.sweep import default_out, load_sweep, run_sweep
+
+    if jobs < 1:
+        fail(f"--jobs={jobs} is not allowed; --jobs must be an integer >= 1")
+    if retries < 0:
+        fail(f"--retries={retries} is not allowed; --retries must be an integer >= 0")
+    try:
+        spec = load_sweep(file)
+        result = run_sweep(spec, out if out is not None else default_out(file), jobs=jobs, dry_run=dry_run,
+                           retries=retries)
+    except ConfigError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("fl-sim: sweep interrupted; finished cells are kept, re-run the command to go on", err=True)
+        raise typer.Exit(130)
+    if dry_run:
+        return
+    typer.echo(f"{len(result.ran)} cells ran, {len(result.skipped)} were already done, {len(result.failed)} did "
+               f"not finish ({result.wall_time_s:.0f} s); table: {result.report}")
+    for cid, reason in result.failed:
+        typer.echo(f"  not finished: {cid}: {reason}", err=True)
+    if result.interrupted:
+        typer.echo("fl-sim: sweep interrupted; finished cells are kept, re-run the command to go on", err=True)
+        raise typer.Exit(130)
+    if result.failed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -41,13 +41,16 @@ clientapp = "clients.client_app:app"
 
 
 def backend_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Flower's Ray backend config: per-client resources from the run config, Ray sized to this machine."""
+    """Flower's Ray backend config: per-client resources from the run config, Ray sized to the cores this process
+    may run on (its CPU affinity)."""
     import torch
 
     gpus = torch.cuda.device_count()
+    # the cores this process may use (taskset, cgroups, `fl-sim sweep --jobs`), not all of the machine's
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return {
         "client_resources": {"num_cpus": float(cfg["client-num-cpus"]), "num_gpus": float(cfg["client-num-gpus"])},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "num_gpus": gpus, "include_dashboard": False,
+        "init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False,
                       "logging_level": "error", "log_to_driver": True},
     }
 

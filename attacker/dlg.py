@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from attacker import matching
-from attacker.labels import batch_labels, classifier_gradients
+from attacker.labels import recover_labels
 from attacker.options import AttackOptions
 from attacker.payload import AttackPayload, AttackResult, Budget
 
@@ -47,8 +47,7 @@ def _match(payload: AttackPayload, budget: Budget, joint_labels: bool, options: 
     if joint_labels:
         fixed_labels = None
     else:
-        w_grad, b_grad = classifier_gradients(model, target.grads)
-        fixed_labels = batch_labels(w_grad, b_grad, b)
+        fixed_labels = recover_labels(model, target.grads, b, options.labels, payload.input_shape)
 
     best: AttackResult | None = None
     total_iters, closures = 0, 0

@@ -85,6 +85,12 @@ def _attacks() -> list[str]:
     return list(ATTACKS)
 
 
+def _label_methods() -> list[str]:
+    from attacker.labels import LABEL_METHODS
+
+    return list(LABEL_METHODS)
+
+
 def _defenses() -> list[str]:
     from clients.defenses import DEFENSES
 
@@ -147,6 +153,10 @@ KEYS: dict[str, Key] = {
                                   "(0 = off)", low=0),
     "attack-clip-scope": Key("gradient", "what the clipping bound applied to: each local step's gradient or the "
                                          "weight update", choices=("gradient", "update")),
+    "attack-tv": Key(-1.0, "total-variation weight of attacks with an image prior (ig, ig-fedavg; negative = the "
+                           "attack's default)", low=-1),
+    "attack-labels": Key("auto", "label recovery for batches of B > 1 (B = 1 always uses iDLG's exact rule)",
+                         choices=_label_methods),
     # --- results ---------------------------------------------------------------------------------------------
     "audit": Key(True, "clients report the indices of the samples they trained on in an audit-only record "
                        "that only the evaluator reads (needed to score attacks)"),

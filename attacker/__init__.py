@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from attacker import dlg, ig
+from attacker import dlg, ig, rgap
 from attacker.options import AttackOptions
 from attacker.payload import AttackPayload, AttackResult, Budget, ThreatModel, update_to_gradient
 
@@ -39,6 +39,8 @@ ATTACKS: dict[str, Attack] = {
     "dlg": Attack(dlg.dlg, ThreatModel(), "DLG (Zhu et al. 2019): joint image + soft-label L2 matching, L-BFGS"),
     "idlg": Attack(dlg.idlg, ThreatModel(), "iDLG (Zhao et al. 2020): analytic label, then L2 matching, L-BFGS"),
     "ig": Attack(ig.ig, ThreatModel(), "Inverting Gradients (Geiping et al. 2020): cosine + TV, signed Adam, box"),
+    "rgap": Attack(rgap.rgap, ThreatModel(), "R-GAP (Zhu & Blaschko 2021): closed-form recursive inversion, "
+                                             "conv/FC nets without pooling"),
     "ig-fedavg": Attack(ig.ig_fedavg, ThreatModel(local_hyperparams=True),
                         "Inverting Gradients on multi-step updates: unrolls the K local SGD steps the server set"),
 }

@@ -272,7 +272,7 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> dict[str, Value]:
     return cfg
 
 
-def _check_attack_options(cfg: Mapping[str, Value], model: Any = None) -> None:
+def check_attack_options(cfg: Mapping[str, Value], model: Any = None) -> None:
     """Parse the attack option keys; given the model, check that every layer pattern names one of its parameters."""
     from dataclasses import replace
 
@@ -301,7 +301,7 @@ def check(cfg: Mapping[str, Value]) -> None:
     Raises:
         ConfigError: e.g. a victim id outside ``[0, num-supernodes)``.
     """
-    _check_attack_options(cfg)
+    check_attack_options(cfg)
     victim = str(cfg["victim"])
     n = int(cfg["num-supernodes"])
     if victim != "random" and not (victim.isdigit() and int(victim) < n):
@@ -348,7 +348,7 @@ def check_feasible(cfg: Mapping[str, Value]) -> None:
         raise ConfigError(
             f"model={cfg['model']!r} does not accept {cfg['dataset']} inputs {ds.input_shape}: {exc}"
         ) from exc
-    _check_attack_options(cfg, model)
+    check_attack_options(cfg, model)
     if float(cfg["client-num-gpus"]) > 0 and not torch.cuda.is_available():
         raise ConfigError(
             f"client-num-gpus={cfg['client-num-gpus']} is not allowed on this machine: CUDA is not available; "

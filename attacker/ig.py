@@ -72,7 +72,7 @@ def box(payload: AttackPayload, device: torch.device) -> tuple[torch.Tensor, tor
 
 def signed_adam(objective: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...], payload: AttackPayload,
                 budget: Budget, iterations: int, start: float, device: torch.device,
-                restarts: int | None = None) -> tuple[torch.Tensor, float, int]:
+                restarts: int | None = None, init_std: float = 1.0) -> tuple[torch.Tensor, float, int]:
     """Run the IG optimiser for every restart; return the best images, their objective and the iterations run.
 
     Args:
@@ -84,13 +84,14 @@ def signed_adam(objective: Callable[[torch.Tensor], torch.Tensor], shape: tuple[
         start: ``time.perf_counter()`` at the start of the attack (the time limit counts from there).
         device: where ``x`` lives.
         restarts: overrides ``budget.restarts``.
+        init_std: standard deviation of the Gaussian initialisation (normalised space).
     """
     lo, hi = box(payload, device)
     gen = torch.Generator().manual_seed(int(budget.seed))
     milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
     best_x, best_obj, total = None, math.inf, 0
     for _restart in range(max(1, budget.restarts if restarts is None else restarts)):
-        x = torch.randn(shape, generator=gen).to(device).requires_grad_(True)
+        x = (torch.randn(shape, generator=gen) * init_std).to(device).requires_grad_(True)
         opt = torch.optim.Adam([x], lr=LR)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
         value = math.inf
@@ -136,7 +137,8 @@ def _ig(payload: AttackPayload, budget: Budget, options: AttackOptions | None) -
 
     shape = (payload.batch_size, *payload.input_shape)
     iterations = budget.iterations or DEFAULT_ITERATIONS
-    x, obj, total = signed_adam(objective, shape, payload, budget, iterations, start, device)
+    init = 1.0 if options.init_std is None else options.init_std
+    x, obj, total = signed_adam(objective, shape, payload, budget, iterations, start, device, init_std=init)
     return AttackResult(x, labels.cpu(), total, time.perf_counter() - start, obj)
 
 
@@ -238,20 +240,23 @@ def _unrolled(payload: AttackPayload, budget: Budget, options: AttackOptions | N
     iterations = budget.iterations or DEFAULT_ITERATIONS
     # Which image (and label) was used at which step is unknown; short pilot runs rank the label orders
     # (successive halving), and the full run uses the best one.
+    init = 1.0 if options.init_std is None else options.init_std
     orders = label_orders(recovered, steps, MAX_ORDERS, int(budget.seed))
     pilot_its, total = max(20, iterations // 40), 0
     while len(orders) > 1:
         scored = []
         for order in orders:
             lab = torch.tensor(order, device=device)
-            _, obj, its = signed_adam(make_objective(lab), shape, payload, budget, pilot_its, start, device, 1)
+            _, obj, its = signed_adam(make_objective(lab), shape, payload, budget, pilot_its, start, device, 1,
+                                      init_std=init)
             scored.append((obj, order))
             total += its
         scored.sort(key=lambda t: t[0])
         orders = [o for _, o in scored[: max(1, len(scored) // 6)]] if len(scored) > 3 else [scored[0][1]]
         pilot_its *= 4
     labels = torch.tensor(orders[0], device=device)
-    x, obj, its = signed_adam(make_objective(labels), shape, payload, budget, iterations, start, device)
+    x, obj, its = signed_adam(make_objective(labels), shape, payload, budget, iterations, start, device,
+                              init_std=init)
     return AttackResult(x, labels.cpu(), total + its, time.perf_counter() - start, obj,
                         {"local_steps": k, "pilot_iterations": total})
 

@@ -155,6 +155,8 @@ KEYS: dict[str, Key] = {
                                          "weight update", choices=("gradient", "update")),
     "attack-tv": Key(-1.0, "total-variation weight of attacks with an image prior (ig, ig-fedavg; negative = the "
                            "attack's default)", low=-1),
+    "attack-init-std": Key(-1.0, "std of the Gaussian initialisation of the dummy images in normalised space "
+                                 "(negative = the attack's default: dlg/idlg 0.1, ig 1)", low=-1),
     "attack-labels": Key("auto", "label recovery for batches of B > 1 (B = 1 always uses iDLG's exact rule)",
                          choices=_label_methods),
     # --- results ---------------------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ import itertools
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -259,6 +260,23 @@ def _unrolled(payload: AttackPayload, budget: Budget, options: AttackOptions | N
                               init_std=init)
     return AttackResult(x, labels.cpu(), total + its, time.perf_counter() - start, obj,
                         {"local_steps": k, "pilot_iterations": total})
+
+
+def check_fedavg(model: nn.Module, cfg: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` when ``ig-fedavg`` would need more than :data:`MAX_IMAGES` images under ``cfg``.
+
+    In ``fedavg`` mode with ``local-steps = 0`` the client walks its whole partition, so the images to reconstruct
+    are the partition; a run should set ``local-steps`` (K) so that ``K × batch-size <= MAX_IMAGES``.
+    """
+    if str(cfg.get("mode", "fedsgd")) != "fedavg":
+        return
+    k, b = int(cfg.get("local-steps", 0)), int(cfg.get("batch-size", 1))
+    if k == 0:
+        raise ValueError(f"ig-fedavg needs local-steps > 0 (with local-steps=0 the client uses its whole partition, "
+                         f"more than the {MAX_IMAGES} images the attack reconstructs)")
+    if k * b > MAX_IMAGES:
+        raise ValueError(f"ig-fedavg reconstructs at most {MAX_IMAGES} images; local-steps={k} × batch-size={b} "
+                         f"= {k * b}")
 
 
 def ig(payload: AttackPayload, budget: Budget, options: AttackOptions | None = None) -> AttackResult:

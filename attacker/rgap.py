@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -341,6 +343,18 @@ def _upstream(layer: Layer, delta: np.ndarray, x_shape: tuple[int, ...]) -> np.n
     x = torch.zeros((delta.shape[0], *x_shape), dtype=torch.float64)
     out = torch.nn.grad.conv2d_input(x.shape, w, d, stride=m.stride, padding=m.padding)
     return out.numpy()
+
+
+def check(model: nn.Module, cfg: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` when R-GAP cannot attack ``model`` under the run config ``cfg`` (before a run)."""
+    from fl_sim.data import DATASET_SHAPES
+
+    shape = DATASET_SHAPES[str(cfg["dataset"])][0] if str(cfg.get("dataset")) in DATASET_SHAPES else None
+    if shape is None:
+        return
+    layers = network_layers(model, shape)
+    if int(cfg.get("batch-size", 1)) > 1 and any(isinstance(l.module, nn.Conv2d) for l in layers):
+        raise ValueError("R-GAP recovers mini-batches for fully-connected nets only; use batch-size=1")
 
 
 def rgap(payload: AttackPayload, budget: Budget, options: AttackOptions | None = None) -> AttackResult:

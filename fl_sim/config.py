@@ -292,6 +292,14 @@ def check_attack_options(cfg: Mapping[str, Value], model: Any = None) -> None:
             opts.weights_for(model)
         except ValueError as exc:
             raise ConfigError(f"{key}={cfg.get(key)!r} is not allowed for model={cfg['model']!r}: {exc}") from exc
+    from attacker import ATTACKS
+
+    attack = ATTACKS.get(str(cfg.get("attack")))
+    if attack is not None and attack.check is not None:
+        try:
+            attack.check(model, cfg)
+        except ValueError as exc:
+            raise ConfigError(f"attack={cfg['attack']!r} is not allowed with model={cfg['model']!r}: {exc}") from exc
     if not any(w > 0 for w in options.weights_for(model).values()):
         raise ConfigError(f"attack-ignore-layers={cfg.get('attack-ignore-layers')!r} is not allowed: it leaves every "
                           f"layer of model={cfg['model']!r} out of the matching loss")

@@ -159,6 +159,16 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
     typer.echo(str(write_run_report(run_dir)))
 
 
+@cli.command("attacks")
+def attacks_cmd() -> None:
+    """List the registered attacks with what each needs beyond the update (threat model)."""
+    from attacker import ATTACKS
+
+    for name, a in ATTACKS.items():
+        needs = [k.replace("_", "-") for k, v in vars(a.threat).items() if v]
+        typer.echo(f"{name:<10} {a.summary}" + (f" [needs: {', '.join(needs)}]" if needs else ""))
+
+
 @cli.command()
 def rank(
     model: str = typer.Option(..., "--model", help="model registry name (an R-GAP-attackable net: cnn6, cnn6-d, "

@@ -46,6 +46,8 @@ class AttackOptions:
             parameters; a DP-SGD-style client defense) or ``"update"`` (the update ``Δ`` was clipped to C, as
             Flower's ``LocalDpMod`` does).
         tv: total-variation weight for attacks with an image prior (``None`` = the attack's default).
+        init_std: standard deviation of the Gaussian initialisation of the dummy images, in normalised space
+            (``None`` = the attack's default; the original DLG/iDLG/IG scripts use 1).
         labels: label-recovery method for B > 1 (a key of :data:`attacker.labels.LABEL_METHODS`).
     """
 
@@ -55,6 +57,7 @@ class AttackOptions:
     clip_bound: float = 0.0
     clip_scope: str = "gradient"
     tv: float | None = None
+    init_std: float | None = None
     labels: str = "auto"
 
     def __post_init__(self) -> None:
@@ -86,6 +89,8 @@ class AttackOptions:
             kw["clip_scope"] = str(cfg["attack-clip-scope"])
         if "attack-tv" in cfg and float(cfg["attack-tv"]) >= 0:
             kw["tv"] = float(cfg["attack-tv"])
+        if "attack-init-std" in cfg and float(cfg["attack-init-std"]) >= 0:
+            kw["init_std"] = float(cfg["attack-init-std"])
         if "attack-labels" in cfg:
             kw["labels"] = str(cfg["attack-labels"])
         return cls(**kw)

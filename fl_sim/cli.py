@@ -199,6 +199,173 @@ def sweep(
         raise typer.Exit(1)
 
 
+@cli.command("attacks")
+def attacks_cmd() -> None:
+    """List the registered attacks with what each needs beyond the update (threat model)."""
+    from attacker import ATTACKS
+
+    for name, a in ATTACKS.items():
+        needs = [k.replace("_", "-") for k, v in vars(a.threat).items() if v]
+        typer.echo(f"{name:<10} {a.summary}" + (f" [needs: {', '.join(needs)}]" if needs else ""))
+
+
+@cli.command()
+def rank(
+    model: str = typer.Option(..., "--model", help="model registry name (an R-GAP-attackable net: cnn6, cnn6-d, "
+                                                   "fcn3, lenet, lenet-tanh)"),
+    dataset: str = typer.Option("cifar10", "--dataset", help="dataset whose input shape and classes to use "
+                                                             "(not loaded; default: cifar10, the paper's setting)"),
+    batch: int = typer.Option(1, "--batch", help="inputs per gradient (B > 1: fully-connected nets only)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the model initialisation and the random input"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """R-GAP's rank analysis: per layer, the rank of the constraint system against the number of unknowns."""
+    from fl_sim.data import DATASET_SHAPES
+    from fl_sim.models import MODELS
+
+    if model not in MODELS:
+        fail(f"--model={model!r} is not allowed; --model must be one of {', '.join(sorted(MODELS))}")
+    if dataset not in DATASET_SHAPES:
+        fail(f"--dataset={dataset!r} is not allowed; --dataset must be one of {', '.join(sorted(DATASET_SHAPES))}")
+    if batch < 1:
+        fail(f"--batch={batch} is not allowed; --batch must be an integer >= 1")
+    import dataclasses
+
+    import torch
+
+    from attacker.rgap import rank_analysis
+    from fl_sim.models import build_model
+
+    torch.set_num_threads(1)
+    shape, classes = DATASET_SHAPES[dataset]
+    torch.manual_seed(seed)
+    try:
+        rows = rank_analysis(build_model(model, shape, classes), shape, batch, seed)
+    except ValueError as exc:
+        fail(f"--model={model!r} cannot be analysed: {exc}")
+    recoverable = all(r.recoverable for r in rows)
+    if as_json:
+        typer.echo(json.dumps({"model": model, "dataset": dataset, "input_shape": list(shape), "batch": batch,
+                               "recoverable": recoverable, "layers": [dataclasses.asdict(r) for r in rows]},
+                              indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"R-GAP rank analysis: {model}, input {shape}, B={batch} (top layer first)")
+    for col in ("layer", "kind", "unknowns", "gradient rank", "forward rank", "rank", "recoverable"):
+        table.add_column(col, justify="left" if col in ("layer", "kind") else "right")
+    for r in rows:
+        table.add_row(r.layer, r.kind, str(r.unknowns), str(r.gradient_rank), str(r.forward_rank), str(r.rank),
+                      "yes" if r.recoverable else f"no (deficit {r.unknowns - r.rank})")
+    console = Console(width=max(Console().width, 110))
+    console.print(table)
+    console.print(f"input uniquely recoverable from the gradient: {'yes' if recoverable else 'no'}")
+
+
+@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+def attack(
+    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...",
+                                          help="run-config overrides (attack-*, defense-*, mode, lr, ...)"),
+    attack_name: str = typer.Option("idlg", "--attack", help="attack registry name"),
+    model: str = typer.Option(None, "--model", help="model registry name (default: the run default)"),
+    image: list[Path] = typer.Option(None, "--image", help="PNG/JPEG file(s), resized to the model's input"),
+    dataset: str = typer.Option(None, "--dataset", help="dataset: the images' source with --index, else only "
+                                                        "the input shape, classes and normalisation "
+                                                        "(default with --image: cifar10)"),
+    index: int = typer.Option(None, "--index", help="first training-split index of the batch (with --dataset)"),
+    batch: int = typer.Option(None, "--batch", help="number of images (default 1, or the number of --image files)"),
+    label: list[int] = typer.Option(None, "--label", help="label of each --image (default 0)"),
+    defense: str = typer.Option(None, "--defense", help="client defense registry name (default: none)"),
+    out: Path = typer.Option(None, "--out", help="output folder (default: out-dir/audit-<time>-<model>-<attack>)"),
+    no_server_step: bool = typer.Option(False, "--no-server-step", help="skip the defense's server-side step"),
+) -> None:
+    """One-shot audit: attack the update one client would send for the given images, without a federation.
+
+    Writes attack.json (psnr, ssim, mse, label_accuracy, time_s, iterations, ...) and reconstruction.png (truth
+    above reconstruction) to --out.
+    """
+    from fl_sim.data import DATASET_SHAPES
+
+    try:
+        values = parse_overrides(overrides or [])
+        values["attack"] = attack_name
+        if model is not None:
+            values["model"] = model
+        if defense is not None:
+            values["defense"] = defense
+        if (image is None) == (index is None):
+            raise ConfigError("give either --image PATH... or --dataset NAME --index I")
+        if index is not None and dataset is None:
+            raise ConfigError("--index needs --dataset NAME")
+        name = dataset or ("cifar10" if image else str(values.get("dataset", KEYS["dataset"].default)))
+        if name not in DATASET_SHAPES:
+            raise ConfigError(f"--dataset={name!r} is not allowed; --dataset must be one of "
+                              f"{', '.join(sorted(DATASET_SHAPES))}")
+        values["dataset"] = name
+        n = batch if batch is not None else (len(image) if image else 1)
+        if n < 1:
+            raise ConfigError(f"--batch={n} is not allowed; --batch must be an integer >= 1")
+        if image and n != len(image):
+            raise ConfigError(f"--batch={n} is not allowed with {len(image)} --image file(s); give one file per image")
+        values.setdefault("batch-size", n)
+        cfg = resolve(values)
+        images, labels = _audit_images(cfg, image, index, n, label)
+    except ConfigError as exc:
+        fail(str(exc))
+    import torch
+
+    from fl_sim.audit import run_audit
+
+    torch.set_num_threads(1)
+    if out is None:
+        from fl_sim.results import default_run_name
+
+        out = Path(str(cfg["out-dir"])) / ("audit-" + default_run_name(cfg))
+    try:
+        from fl_sim.audit import audit_dataset
+
+        record = run_audit(cfg, audit_dataset(name, images, labels), out, server_step=not no_server_step)
+    except ConfigError as exc:
+        fail(str(exc))
+    lab = "–" if record["label_accuracy"] is None else f"{record['label_accuracy']:.2f}"
+    typer.echo(f"{record['attack']} on {record['model']} ({record['defense']}, {record['num_images']} image(s)): "
+               f"PSNR {record['psnr']:.2f} dB, SSIM {record['ssim']:.3f}, MSE {record['mse']:.2e}, label accuracy "
+               f"{lab}, {record['iterations']} iterations in {record['time_s']:.2f} s")
+    typer.echo(str(out))
+
+
+def _audit_images(cfg: dict[str, Any], image: list[Path] | None, index: int | None, n: int,
+                  label: list[int] | None) -> tuple[Any, Any]:
+    """The audit's images ``uint8 (N, H, W, C)`` and labels, from files or from the dataset (ConfigError)."""
+    import numpy as np
+
+    from fl_sim.data import DATASET_SHAPES, DataError, load_dataset
+
+    name = str(cfg["dataset"])
+    shape, classes = DATASET_SHAPES[name]
+    if image:
+        from fl_sim.audit import load_images
+
+        labels = list(label or [0] * n)
+        if len(labels) != n:
+            raise ConfigError(f"--label given {len(labels)} time(s) for {n} image(s); give one per --image")
+        bad = [y for y in labels if not 0 <= y < classes]
+        if bad:
+            raise ConfigError(f"--label={bad[0]} is not allowed; {name} labels are 0..{classes - 1}")
+        return load_images(image, shape), np.asarray(labels, np.int64)
+    if label:
+        raise ConfigError("--label applies to --image only (dataset samples have their own labels)")
+    try:
+        ds = load_dataset(name, str(cfg["data-dir"]))
+    except DataError as exc:
+        raise ConfigError(f"dataset={name!r}: {exc}") from exc
+    if not 0 <= index <= len(ds.y_train) - n:
+        raise ConfigError(f"--index={index} is not allowed; with --batch {n}, --index must be in "
+                          f"0..{len(ds.y_train) - n} ({name} has {len(ds.y_train)} training samples)")
+    return ds.x_train[index:index + n], ds.y_train[index:index + n]
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

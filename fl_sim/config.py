@@ -85,6 +85,12 @@ def _attacks() -> list[str]:
     return list(ATTACKS)
 
 
+def _label_methods() -> list[str]:
+    from attacker.labels import LABEL_METHODS
+
+    return list(LABEL_METHODS)
+
+
 def _defenses() -> list[str]:
     from clients.defenses import DEFENSES
 
@@ -181,6 +187,12 @@ KEYS: dict[str, Key] = {
                                   "(0 = off)", low=0),
     "attack-clip-scope": Key("gradient", "what the clipping bound applied to: each local step's gradient or the "
                                          "weight update", choices=("gradient", "update")),
+    "attack-tv": Key(-1.0, "total-variation weight of attacks with an image prior (ig, ig-fedavg; negative = the "
+                           "attack's default)", low=-1),
+    "attack-init-std": Key(-1.0, "std of the Gaussian initialisation of the dummy images in normalised space "
+                                 "(negative = the attack's default: dlg/idlg 0.1, ig 1)", low=-1),
+    "attack-labels": Key("auto", "label recovery for batches of B > 1 (B = 1 always uses iDLG's exact rule)",
+                         choices=_label_methods),
     # --- results ---------------------------------------------------------------------------------------------
     "audit": Key(True, "clients report the indices of the samples they trained on in an audit-only record "
                        "that only the evaluator reads (needed to score attacks)"),
@@ -296,7 +308,7 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> dict[str, Value]:
     return cfg
 
 
-def _check_attack_options(cfg: Mapping[str, Value], model: Any = None) -> None:
+def check_attack_options(cfg: Mapping[str, Value], model: Any = None) -> None:
     """Parse the attack option keys; given the model, check that every layer pattern names one of its parameters."""
     from dataclasses import replace
 
@@ -314,6 +326,14 @@ def _check_attack_options(cfg: Mapping[str, Value], model: Any = None) -> None:
             opts.weights_for(model)
         except ValueError as exc:
             raise ConfigError(f"{key}={cfg.get(key)!r} is not allowed for model={cfg['model']!r}: {exc}") from exc
+    from attacker import ATTACKS
+
+    attack = ATTACKS.get(str(cfg.get("attack")))
+    if attack is not None and attack.check is not None:
+        try:
+            attack.check(model, cfg)
+        except ValueError as exc:
+            raise ConfigError(f"attack={cfg['attack']!r} is not allowed with model={cfg['model']!r}: {exc}") from exc
     if not any(w > 0 for w in options.weights_for(model).values()):
         raise ConfigError(f"attack-ignore-layers={cfg.get('attack-ignore-layers')!r} is not allowed: it leaves every "
                           f"layer of model={cfg['model']!r} out of the matching loss")
@@ -326,7 +346,7 @@ def check(cfg: Mapping[str, Value]) -> None:
         ConfigError: e.g. a victim id outside ``[0, num-supernodes)``.
     """
     _check_defense(cfg)
-    _check_attack_options(cfg)
+    check_attack_options(cfg)
     victim = str(cfg["victim"])
     n = int(cfg["num-supernodes"])
     if victim != "random" and not (victim.isdigit() and int(victim) < n):
@@ -386,7 +406,7 @@ def check_feasible(cfg: Mapping[str, Value]) -> None:
         raise ConfigError(
             f"model={cfg['model']!r} does not accept {cfg['dataset']} inputs {ds.input_shape}: {exc}"
         ) from exc
-    _check_attack_options(cfg, model)
+    check_attack_options(cfg, model)
     if float(cfg["client-num-gpus"]) > 0 and not torch.cuda.is_available():
         raise ConfigError(
             f"client-num-gpus={cfg['client-num-gpus']} is not allowed on this machine: CUDA is not available; "

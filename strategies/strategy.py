@@ -198,7 +198,13 @@ class CuriousFedAvg(FedAvg):
         budget = Budget(iterations=int(self.cfg["attack-iterations"]), restarts=int(self.cfg["attack-restarts"]),
                         time_limit_s=float(self.cfg["attack-time-limit"]),
                         seed=int(self.cfg["seed"]) * 100_003 + server_round)
-        result = self.attack.run(payload, budget, AttackOptions.from_config(self.cfg))
+        t0 = time.perf_counter()
+        try:
+            result = self.attack.run(payload, budget, AttackOptions.from_config(self.cfg))
+        except (ValueError, TimeoutError, RuntimeError) as exc:  # an attack that cannot run on this update
+            log(INFO, "attack round %s client %s failed: %s", server_round, payload.client, exc)
+            return {"round": server_round, "client": payload.client, "attack": str(self.cfg["attack"]),
+                    "time_s": time.perf_counter() - t0, "error": f"{type(exc).__name__}: {exc}"}
         record: dict[str, Any] = {"round": server_round, "client": payload.client, "attack": str(self.cfg["attack"]),
                                   "time_s": result.time_s, "iterations": result.iterations,
                                   "objective": result.objective, **result.extras}

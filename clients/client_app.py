@@ -14,7 +14,7 @@ import functools
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.defenses import DEFENSES
@@ -45,10 +45,41 @@ def client_seed(seed: int, server_round: int, partition_id: int) -> int:
     return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
 
 
+#: Error code of a simulated dropout reply (outside Flower's own ``ErrorCode`` values).
+DROPOUT_ERROR_CODE = 100
+
+
+def drops_out(rate: float, seed: int, server_round: int, partition_id: int) -> bool:
+    """Whether this client drops out of ``server_round`` under ``client-dropout=rate``.
+
+    A uniform draw from a generator seeded by ``(seed, round, partition id)``, so the same clients drop in every
+    run with the same seed, whatever order the replies arrive in.
+    """
+    if rate <= 0:
+        return False
+    return bool(np.random.default_rng([seed % 2**63, server_round, partition_id, 0xD809]).random() < rate)
+
+
+@app.query("whoami")
+def whoami(msg: Message, context: Context) -> Message:
+    """Tell the server this node's partition id and partition count (the server samples clients by them)."""
+    meta = ConfigRecord({"partition-id": int(context.node_config["partition-id"]),
+                         "num-partitions": int(context.node_config["num-partitions"])})
+    return Message(content=RecordDict({"meta": meta}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this client's partition and reply with the (defended) local model."""
+    """Train the received global model on this client's partition and reply with the (defended) local model.
+
+    Under ``client-dropout`` a client that drops out of this round replies with an error instead (nothing trained).
+    """
     cfg, pid, nparts, device = _setup(context)
+    rnd = int(msg.content["config"].get("server-round", 0))
+    if drops_out(float(cfg["client-dropout"]), int(cfg["seed"]), rnd, pid):
+        return Message(Error(code=DROPOUT_ERROR_CODE, reason=f"client-dropout={cfg['client-dropout']}: "
+                                                             f"partition {pid} dropped out of round {rnd}"),
+                       reply_to=msg)
     data = load_dataset(str(cfg["dataset"]), str(cfg["data-dir"]))
     part = partitions(data.name, str(cfg["data-dir"]), nparts, str(cfg["partition"]), float(cfg["dirichlet-alpha"]),
                       int(cfg["seed"]))[pid]
@@ -59,7 +90,6 @@ def train(msg: Message, context: Context) -> Message:
     if defense.on_model is not None:
         defense.on_model(model, context.state, cfg)
     train_cfg = dict(msg.content["config"])
-    rnd = int(train_cfg.get("server-round", 0))
     res = local_train(model, data, part, train_cfg, cfg, defense, context.state, client_seed(int(cfg["seed"]), rnd, pid),
                       device)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

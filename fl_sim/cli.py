@@ -42,6 +42,8 @@ def run(
                                           help="run-config overrides, the keys of 'fl-sim keys'"),
     out: Path = typer.Option(None, "--out", help="run directory to create (default: out-dir/run-name)"),
     verbose: bool = typer.Option(False, "--verbose", help="show Flower's per-round logs"),
+    resume: Path = typer.Option(None, "--resume", help="continue a killed or interrupted run from its last "
+                                                       "checkpoint (a run directory; takes no KEY=VALUE)"),
 ) -> None:
     """Run a federated simulation whose honest-but-curious server attacks client updates."""
     from rich.console import Console
@@ -50,12 +52,17 @@ def run(
     from fl_sim.results import default_run_name
     from strategies.server_app import prepare_run_dir
 
+    done = 0
     try:
-        cfg = _resolve_cli(overrides, out)
-        if not cfg["run-name"]:
-            cfg["run-name"] = default_run_name(cfg)
+        if resume is not None:
+            cfg, done = _resume_config(resume, overrides, out)
+        else:
+            cfg = _resolve_cli(overrides, out)
+            if not cfg["run-name"]:
+                cfg["run-name"] = default_run_name(cfg)
         check_feasible(cfg)
-        prepare_run_dir(cfg)
+        if resume is None:
+            prepare_run_dir(cfg)
     except ConfigError as exc:
         fail(str(exc))
     from fl_sim import simulation
@@ -63,7 +70,7 @@ def run(
     console = Console(stderr=True)
     progress = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.description}"),
                         TimeElapsedColumn(), console=console, transient=False, disable=verbose)
-    task = progress.add_task("", total=int(cfg["num-server-rounds"]))
+    task = progress.add_task("", total=int(cfg["num-server-rounds"]), completed=done)
     last = {"acc": None, "psnr": None}
 
     def on_round(record: dict[str, Any]) -> None:
@@ -91,7 +98,7 @@ def run(
     start = time.time()
     try:
         with progress:
-            run_dir = simulation.run(cfg, on_round=on_round, verbose=verbose)
+            run_dir = simulation.run(cfg, on_round=on_round, verbose=verbose, resume=resume is not None)
     except KeyboardInterrupt:
         _finish_interrupted(cfg, start)
         typer.echo("fl-sim: interrupted; results so far are in the run directory", err=True)
@@ -104,6 +111,33 @@ def run(
     _print_summary(Path(run_dir))
     if simulation.STOP.is_set():
         raise typer.Exit(130)
+
+
+def _resume_config(run_dir: Path, overrides: list[str] | None, out: Path | None) -> tuple[dict[str, Any], int]:
+    """The resolved config of the run in ``run_dir`` and its last checkpointed round.
+
+    Raises:
+        ConfigError: KEY=VALUE or --out given, not a run directory, no checkpoint, or the run already completed.
+    """
+    import tomllib
+
+    from strategies.checkpoint import ResumeError, load_checkpoint
+
+    if overrides or out is not None:
+        raise ConfigError("--resume takes no KEY=VALUE and no --out: a resumed run keeps its own config.toml")
+    run_dir = run_dir.expanduser().resolve()
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"--resume {run_dir}: not a run directory (no config.toml)")
+    cfg = resolve(tomllib.loads((run_dir / "config.toml").read_text()))
+    cfg["out-dir"], cfg["run-name"] = str(run_dir.parent), run_dir.name  # the directory may have moved
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("status") == "completed":
+        raise ConfigError(f"--resume {run_dir}: the run already completed (summary.json status 'completed')")
+    try:
+        done = int(load_checkpoint(run_dir)["round"])
+    except ResumeError as exc:
+        raise ConfigError(f"--resume {run_dir}: {exc}") from exc
+    return cfg, done
 
 
 def _finish_interrupted(cfg: dict[str, Any], start: float) -> None:

@@ -4,14 +4,14 @@
 #   deploy/make_certs.sh [OUT_DIR] [SAN ...]
 #
 # OUT_DIR (default deploy/certs) receives ca.crt, ca.key, server.pem, server.key. Each SAN is an IP address or a
-# DNS name the SuperNodes and the `flwr` CLI use to reach the SuperLink (default: 127.0.0.1 and localhost);
-# e.g. `deploy/make_certs.sh deploy/certs 192.168.1.10 server.lan`. Copy ca.crt (only) to every SuperNode and CLI
-# machine; ca.key and server.key stay on the SuperLink machine.
+# DNS name the SuperNodes and the `flwr` CLI use to reach the SuperLink, e.g.
+# `deploy/make_certs.sh deploy/certs 192.168.1.10 server.lan`; 127.0.0.1 and localhost are always added (the
+# SuperLink's own SuperExec connects over loopback). Copy ca.crt (only) to every SuperNode and CLI machine;
+# ca.key and server.key stay on the SuperLink machine.
 set -euo pipefail
 OUT=${1:-deploy/certs}
 shift || true
-SANS=("$@")
-[ ${#SANS[@]} -eq 0 ] && SANS=(127.0.0.1 localhost)
+SANS=("$@" 127.0.0.1 localhost)
 DAYS=${DAYS:-365}
 mkdir -p "$OUT"
 san_list=""

@@ -5,7 +5,9 @@ server and clients) gives the dataset, model, defense and seeds. A train reply c
 local model after training; defenses such as FedKL replace their secret tensors before it is built) and one
 MetricRecord (``num-examples``, ``train-loss``, ``train-time-s``, ``defense-time-s``), plus two ConfigRecords:
 ``meta`` (the partition id, i.e. the client's identity as the server knows it) and, when ``audit=true``, ``audit``
-(indices of the samples used) which the server hands only to the evaluator, never to the attacker.
+(indices of the samples used) which the server hands only to the evaluator, never to the attacker. A
+``query.whoami`` message is answered with the node's ``partition-id`` and ``num-partitions`` (the server samples
+clients by partition id).
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ def _setup(context: Context) -> tuple[dict, int, int, torch.device]:
     pid = int(context.node_config["partition-id"])
     nparts = int(context.node_config["num-partitions"])
     torch.set_num_threads(max(1, int(float(cfg["client-num-cpus"]))))
-    use_cuda = float(cfg["client-num-gpus"]) > 0 and torch.cuda.is_available()
+    use_cuda = float(cfg["client-num-gpus"]) > 0
+    if use_cuda and not torch.cuda.is_available():  # an error reply the server logs, not a silent CPU run
+        raise RuntimeError(f"client-num-gpus={cfg['client-num-gpus']} but CUDA is not available to this client "
+                           "(no GPU, or the simulation gave its actors none: client-resources-num-gpus)")
     return cfg, pid, nparts, torch.device("cuda" if use_cuda else "cpu")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fl_sim.config import ConfigError, parse_overrides, resolve  # noqa: E402
+from fl_sim.config import ConfigError, check_feasible, parse_overrides, resolve  # noqa: E402
 
 
 def superlink_pids() -> set[int]:
@@ -41,6 +41,7 @@ def main(argv: list[str]) -> int:
     try:
         overrides = parse_overrides(argv)
         cfg = resolve(overrides)
+        check_feasible(cfg)  # e.g. GPUs requested without CUDA: one line here, not Flower's empty actor pool
     except ConfigError as exc:
         print(f"fl-sim: error: {exc}", file=sys.stderr)
         return 2

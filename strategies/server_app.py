@@ -169,7 +169,28 @@ def run_server(grid: Grid, cfg: Mapping[str, Any], on_round: Callable[[dict[str,
     return run_dir
 
 
+def check_simulation_gpus(cfg: Mapping[str, Any]) -> None:
+    """In Flower's simulation runtime the clients share this machine: refuse GPUs it does not have.
+
+    Without this, ``flwr run`` with ``client-num-gpus > 0`` on a machine without CUDA ends in Flower's
+    "ActorPool is empty" crash (or every client failing), not in a one-line reason.
+
+    Raises:
+        ConfigError: ``client-num-gpus > 0`` and CUDA is not available.
+    """
+    if float(cfg["client-num-gpus"]) > 0 and not torch.cuda.is_available():
+        raise ConfigError(
+            f"client-num-gpus={cfg['client-num-gpus']} is not allowed on this machine: CUDA is not available; "
+            "use client-num-gpus=0 (and --federation-config 'client-resources-num-gpus=0')"
+        )
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run``: resolve the run config and run the federation."""
-    run_server(grid, resolve(context.run_config))
+    from flwr.superlink.grid import InMemoryGrid
+
+    cfg = resolve(context.run_config)
+    if isinstance(grid, InMemoryGrid):  # simulation runtime: clients run on this machine
+        check_simulation_gpus(cfg)
+    run_server(grid, cfg)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
-from fl_sim.deployment import LocalFederation, _proc_table, have_node_auth_tools
+from fl_sim.deployment import LocalFederation, ProcessTracker, _proc_table, have_node_auth_tools
 
 
 def test_tls_deployment_two_supernodes_two_rounds_with_an_attack(tmp_path):
@@ -33,3 +35,18 @@ def test_tls_deployment_two_supernodes_two_rounds_with_an_attack(tmp_path):
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [sorted(c["partition_id"] for c in r["clients"]) for r in records] == [["0", "1"], ["0", "1"]]
     assert all(r["failures"] == [] for r in records)
+
+
+def test_process_tracker_stops_detached_descendants_by_pid(tmp_path):
+    """A child in its own session (like Flower's SuperExec) that ignores SIGTERM is still found and killed."""
+    tracker = ProcessTracker()
+    script = "setsid bash -c 'trap \"\" TERM; sleep 300' & sleep 300"
+    tracker.start(["bash", "-c", script], tmp_path / "log", dict(os.environ), tmp_path)
+    deadline = time.monotonic() + 20
+    while len(tracker.refresh()) < 3 and time.monotonic() < deadline:  # sleep, setsid bash, its sleep
+        time.sleep(0.05)
+    tracked = dict(tracker.refresh())
+    assert len(tracked) >= 3
+    tracker.stop(grace_s=1.0)
+    table = _proc_table()
+    assert not [p for p, t in tracked.items() if p in table and table[p][2] == t]

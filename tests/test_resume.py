@@ -13,34 +13,13 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord
 
+from fl_sim.deployment import ProcessTracker
 from strategies.checkpoint import RoundOffset, load_checkpoint, truncate_metrics
 
 FL_SIM = str(Path(sys.executable).with_name("fl-sim"))
 #: 3 clients, 2 sampled per round, 20% dropout, an attack on a random client every 2 rounds: every seeded path.
 ARGS = ["num-supernodes=3", "num-server-rounds=5", "fraction-train=0.67", "client-dropout=0.2", "attack-every=2",
         "victim=random", "attack-iterations=20", "attack-time-limit=0", "round-timeout=120"]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (read from /proc), deepest last."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            continue
-        out.extend(int(k) for k in kids)
-        todo.extend(int(k) for k in kids)
-    return out
-
-
-def kill_all(pids: list[int]) -> None:
-    for p in pids:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def comparable(summary: dict) -> dict:
@@ -59,40 +38,32 @@ def per_round(run_dir: Path) -> list[tuple]:
 
 def test_kill_9_then_resume_matches_the_uninterrupted_run(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    # the uninterrupted reference runs alongside the run that is killed and resumed
-    reference = subprocess.Popen([FL_SIM, "run", *ARGS, "--out", str(full)], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
-    proc = subprocess.Popen([FL_SIM, "run", *ARGS, "--out", str(killed)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    family: list[int] = []
+    env = dict(os.environ)
+    procs, victim = ProcessTracker(), ProcessTracker()  # every process of both runs, Ray's included
     try:
+        # the uninterrupted reference runs alongside the run that is killed and resumed
+        reference = procs.start([FL_SIM, "run", *ARGS, "--out", str(full)], tmp_path / "full.log", env, tmp_path)
+        proc = victim.start([FL_SIM, "run", *ARGS, "--out", str(killed)], tmp_path / "killed.log", env, tmp_path)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
-            family = sorted(set(family) | set(descendants(proc.pid)))
+            victim.refresh()
             ck = killed / "checkpoint.pkl"
             if ck.is_file() and pickle.loads(ck.read_bytes())["round"] >= 2:
                 break
             time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
-        family = sorted(set(family) | set(descendants(proc.pid)))
+        assert proc.poll() is None, "the run ended before it was killed: " + (tmp_path / "killed.log").read_text()
         os.kill(proc.pid, signal.SIGKILL)  # kill -9 after round k >= 2
-        proc.wait(timeout=30)
-        kill_all(family)  # Ray's processes are the killed run's too; stop them by pid
+        victim.stop()  # then its Ray processes, by pid
         k = load_checkpoint(killed)["round"]
         assert 2 <= k < 5 and not (killed / "summary.json").is_file()
 
         resumed = subprocess.run([FL_SIM, "run", "--resume", str(killed)], capture_output=True, text=True,
                                  timeout=600)
         assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
-        _, err = reference.communicate(timeout=600)
-        assert reference.returncode == 0, err[-3000:]
+        assert reference.wait(timeout=600) == 0, (tmp_path / "full.log").read_text()[-3000:]
     finally:
-        for p in (proc, reference):
-            if p.poll() is None:
-                family += descendants(p.pid)
-                p.kill()
-                p.wait()
-        kill_all(family)
+        victim.stop()
+        procs.stop()
 
     a = json.loads((full / "summary.json").read_text())
     b = json.loads((killed / "summary.json").read_text())

@@ -70,7 +70,7 @@ def bench(clients: int, rounds: int, per_round: int, workdir: Path) -> dict:
             driver = _kb(f"/proc/{proc.pid}/status", "VmRSS") / 2**20
             if done >= 1 and first_round_s is None:
                 first_round_s, driver_first = time.monotonic() - t0, driver
-            if done >= rounds - 1:
+            if done >= rounds - 1 and driver > 0:  # 0: the driver is exiting (no VmRSS)
                 driver_last = driver
             time.sleep(0.2)
     finally:

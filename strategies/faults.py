@@ -123,7 +123,7 @@ def sample_partitions(partitions: Iterable[int], num_clients: int, fraction: flo
 
 
 def discover_partitions(grid: Grid, nodes: Iterable[int], num_partitions: int, timeout: float,
-                        known: Mapping[int, int]) -> tuple[dict[int, int], list[dict[str, Any]]]:
+                        known: Mapping[int, int], strict: bool = True) -> tuple[dict[int, int], list[dict[str, Any]]]:
     """Ask ``nodes`` for their partition id (a ``query.whoami`` message each).
 
     Args:
@@ -131,14 +131,18 @@ def discover_partitions(grid: Grid, nodes: Iterable[int], num_partitions: int, t
         nodes: node ids to ask.
         num_partitions: the run's ``num-supernodes``; every node must report this ``num-partitions``.
         timeout: seconds to wait for the answers.
-        known: the mapping learnt so far (node id → partition id), to detect duplicates.
+        known: the mapping of the connected nodes learnt so far (node id → partition id), to detect duplicates.
+        strict: a partition id that a connected node already has is an error (at the start of a run). Otherwise
+            (later rounds: a SuperNode that restarted comes back with a new node id) the new node takes the
+            partition over and a failure record says so.
 
     Returns:
-        The new ``{node_id: partition_id}`` entries, and one failure record per node that did not answer.
+        The new ``{node_id: partition_id}`` entries, and one failure record per node that did not answer (or, when
+        not ``strict``, that was replaced).
 
     Raises:
-        ConfigError: a node reports another ``num-partitions``, a partition id outside ``0..num_partitions-1``,
-            or a partition id that another node already has (misconfigured ``--node-config`` in deployment).
+        ConfigError: a node reports another ``num-partitions`` or a partition id outside ``0..num_partitions-1``,
+            or, when ``strict``, a partition id that another node already has (misconfigured ``--node-config``).
     """
     nodes = list(nodes)
     if not nodes:
@@ -162,11 +166,14 @@ def discover_partitions(grid: Grid, nodes: Iterable[int], num_partitions: int, t
                 f"num-supernodes={num_partitions}; start SuperNode i with --node-config "
                 f"'partition-id=i num-partitions={num_partitions}' (i in 0..{num_partitions - 1})"
             )
-        if pid in taken:
+        if pid in taken and (strict or taken[pid] in found):
             raise ConfigError(
                 f"SuperNodes {taken[pid]} and {node} both have node-config partition-id={pid}; "
                 "every SuperNode needs its own partition-id"
             )
+        if pid in taken:
+            failures.append({"node": taken[pid], "partition_id": pid,
+                             "reason": f"replaced by node {node} with the same partition-id (restarted?)"})
         taken[pid] = node
         found[node] = pid
     answered = {m.metadata.src_node_id for m in replies}

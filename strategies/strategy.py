@@ -119,14 +119,17 @@ class CuriousFedAvg(FedAvg):
         self._record = {"round": server_round, "lr": lr_at(self.cfg, server_round), "sampled": 0, "clients": [],
                         "failures": [], "attacks": []}
         connected = sorted(grid.get_node_ids())
+        online = set(connected)
         new = [n for n in connected if n not in self.partition_of and n not in self.unresponsive]
         found, failures = discover_partitions(grid, new, int(self.cfg["num-supernodes"]),
-                                              float(self.cfg["node-timeout"]), self.partition_of)
-        self.partition_of.update(found)
-        self.unresponsive.update(f["node"] for f in failures)
+                                              float(self.cfg["node-timeout"]),
+                                              {n: p for n, p in self.partition_of.items() if n in online},
+                                              strict=not self.partition_of)
+        taken = set(found.values())
+        self.partition_of = {n: p for n, p in self.partition_of.items() if p not in taken} | found
+        self.unresponsive.update(f["node"] for f in failures)  # silent or replaced: never asked again
         self._record["failures"].extend(failures)
         self._t0 = time.perf_counter()  # the round's clock starts after the one-off node discovery
-        online = set(connected)
         node_of = {p: n for n, p in self.partition_of.items() if n in online}
         chosen = sample_partitions(node_of, int(self.cfg["num-supernodes"]), float(self.cfg["fraction-train"]),
                                    int(self.cfg["seed"]), server_round) if node_of else []

@@ -184,3 +184,24 @@ def test_faulty_clients_in_a_simulation(tmp_path):
         assert "RuntimeError: injected fault" in reasons[3]
         assert "no reply within round-timeout" in reasons[4]
         assert all(a["client"] in ("0", "5") for a in r["attacks"]) and r["attacks"]
+
+
+def test_a_restarted_supernode_takes_its_partition_over(tmp_path, fmnist):
+    """Mid-run, a node with a new id and an already known partition id replaces the old node (logged)."""
+    strat, cfg = strategy_for(tmp_path, fmnist, **{"attack-every": 0})
+    state = build_model(cfg["model"], fmnist.input_shape, fmnist.num_classes).state_dict()
+    grid = FakeGrid(3)
+    strat.configure_train(1, ArrayRecord(state), ConfigRecord({"mode": "fedsgd"}), grid)
+
+    class Restarted(FakeGrid):  # node 2 (partition 1) came back as node 7
+        def __init__(self):
+            super().__init__(3)
+            self.ids = [1, 2, 3, 7]
+
+        def send_and_receive(self, messages, *, timeout=None):
+            return [make_message(RecordDict({"meta": ConfigRecord({"partition-id": 1, "num-partitions": 3})}),
+                                 src_node_id=7) for m in messages]
+
+    strat.configure_train(2, ArrayRecord(state), ConfigRecord({"mode": "fedsgd"}), Restarted())
+    assert strat._sent["nodes"] == {1: 0, 7: 1, 3: 2}
+    assert any("replaced by node 7" in f["reason"] for f in strat._record["failures"])

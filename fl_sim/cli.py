@@ -225,7 +225,7 @@ def deploy(
                               node_auth=node_auth)
         try:
             with fed:
-                proc = fed.run(cfg, timeout_s=10**7)
+                proc = fed.run(cfg, timeout_s=None)
         except KeyboardInterrupt:
             fail("interrupted; every SuperLink/SuperNode process was stopped", code=130)
         if proc.returncode != 0:

@@ -205,7 +205,7 @@ class LocalFederation:
         subprocess.run(["bash", str(DEPLOY / name), *args], cwd=self.workdir, env={**self.env, **(env or {})},
                        check=True, capture_output=True, text=True)
 
-    def _flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    def _flwr(self, *args: str, timeout: float | None = 120) -> subprocess.CompletedProcess:
         return subprocess.run(["flwr", *args], cwd=self.app_dir, env={**self.env, "FLWR_HOME": str(self.cli_home)},
                               capture_output=True, text=True, timeout=timeout)
 
@@ -238,12 +238,12 @@ class LocalFederation:
         for node, node_port in zip(self.nodes, node_ports):
             wait_for_port(node_port, self.start_timeout_s, node)
 
-    def run(self, run_config: Mapping[str, Any], timeout_s: float = 600) -> subprocess.CompletedProcess:
+    def run(self, run_config: Mapping[str, Any], timeout_s: float | None = 600) -> subprocess.CompletedProcess:
         """``flwr run APP local-deploy --run-config FILE --stream``: submit the app and wait for the run to end.
 
         Args:
             run_config: run-config overrides (fl-sim keys; ``num-supernodes`` should equal ``num_nodes``).
-            timeout_s: seconds before ``flwr run`` is killed (``subprocess.TimeoutExpired``).
+            timeout_s: seconds before ``flwr run`` is killed (``subprocess.TimeoutExpired``); None: no limit.
 
         Returns:
             The finished ``flwr run`` process (``returncode``, ``stdout``, ``stderr``).

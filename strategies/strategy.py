@@ -98,7 +98,7 @@ class CuriousFedAvg(FedAvg):
         self.eval_model = build_model(str(cfg["model"]), data.input_shape, data.num_classes)
         self._sent: dict[str, Any] = {}
         self.partition_of: dict[int, int] = {}  # Flower node id -> partition id (learnt by query.whoami)
-        self.unresponsive: set[int] = set()  # nodes that did not answer query.whoami (never sampled)
+        self.excluded: set[int] = set()  # nodes that did not answer query.whoami or were replaced (never sampled)
         self._record: dict[str, Any] = {}
         self._t0 = 0.0
         self.num_rounds = int(cfg["num-server-rounds"])
@@ -120,14 +120,14 @@ class CuriousFedAvg(FedAvg):
                         "failures": [], "attacks": []}
         connected = sorted(grid.get_node_ids())
         online = set(connected)
-        new = [n for n in connected if n not in self.partition_of and n not in self.unresponsive]
+        new = [n for n in connected if n not in self.partition_of and n not in self.excluded]
         found, failures = discover_partitions(grid, new, int(self.cfg["num-supernodes"]),
                                               float(self.cfg["node-timeout"]),
                                               {n: p for n, p in self.partition_of.items() if n in online},
                                               strict=not self.partition_of)
         taken = set(found.values())
         self.partition_of = {n: p for n, p in self.partition_of.items() if p not in taken} | found
-        self.unresponsive.update(f["node"] for f in failures)  # silent or replaced: never asked again
+        self.excluded.update(f["node"] for f in failures)  # silent or replaced: never asked again
         self._record["failures"].extend(failures)
         self._t0 = time.perf_counter()  # the round's clock starts after the one-off node discovery
         node_of = {p: n for n, p in self.partition_of.items() if n in online}

@@ -144,6 +144,7 @@ class CuriousFedAvg(FedAvg):
             "expected": expected_arrays(arrays),
             "config": dict(sent_cfg),
             "nodes": {node_of[p]: p for p in chosen},
+            "messages": messages,  # the Grid gives them their message ids when it sends them
         }
         self._record["sampled"] = len(messages)
         return messages
@@ -159,8 +160,12 @@ class CuriousFedAvg(FedAvg):
         sent = self._sent.get("nodes", {})
         max_examples = len(self.data.y_train)
         ok, replied = [], set()
+        # a reply's sender is its reply_to message's destination (Flower's own error replies, e.g. "Node
+        # Unavailable", come from the SuperLink)
+        dst = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent.get("messages", [])
+               if m.metadata.message_id}
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = dst.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             replied.add(node)
             reason = check_reply(msg, self._sent["expected"], max_examples, self.arrayrecord_key,
                                  self.weighted_by_key)
@@ -176,7 +181,8 @@ class CuriousFedAvg(FedAvg):
         for f in self._record["failures"]:
             log(WARNING, "round %s: reply of client %s dropped: %s", server_round,
                 f["partition_id"] if f["partition_id"] is not None else f["node"], f["reason"])
-        ok.sort(key=lambda m: (sent.get(m.metadata.src_node_id, math.inf), m.metadata.src_node_id))
+        ok.sort(key=lambda m: (sent.get(dst.get(m.metadata.reply_to_message_id, m.metadata.src_node_id), math.inf),
+                               m.metadata.src_node_id))
         need = int(self.cfg["min-replies"])
         if len(ok) < need:
             self._record["skipped"] = f"{len(ok)} usable replies < min-replies={need}; global model unchanged"

@@ -205,3 +205,20 @@ def test_a_restarted_supernode_takes_its_partition_over(tmp_path, fmnist):
     strat.configure_train(2, ArrayRecord(state), ConfigRecord({"mode": "fedsgd"}), Restarted())
     assert strat._sent["nodes"] == {1: 0, 7: 1, 3: 2}
     assert any("replaced by node 7" in f["reason"] for f in strat._record["failures"])
+
+
+def test_flower_error_replies_are_attributed_to_the_destination_node(tmp_path, fmnist):
+    """The SuperLink answers for a vanished node ("Node Unavailable"): logged once, under that node's partition."""
+    strat, cfg = strategy_for(tmp_path, fmnist, **{"attack-every": 0})
+    state = build_model(cfg["model"], fmnist.input_shape, fmnist.num_classes).state_dict()
+    msgs = strat.configure_train(1, ArrayRecord(state), ConfigRecord({"mode": "fedsgd"}), FakeGrid(3))
+    for i, m in enumerate(msgs):  # what the Grid does when it sends them
+        m.metadata.__dict__["_message_id"] = f"m{i}"
+    lost = next(m for m in msgs if m.metadata.dst_node_id == 3)
+    err = make_message(RecordDict(), src_node_id=1, reply_to=lost.metadata.message_id)
+    err = type(err)(Error(code=5, reason="Node Unavailable"), reply_to=err)
+    err.metadata.__dict__["_reply_to_message_id"] = lost.metadata.message_id
+    err.metadata.__dict__["_src_node_id"] = 1  # the SuperLink
+    strat.aggregate_train(1, [reply(state, 1, 0), reply(state, 1, 1), err])
+    assert [(f["partition_id"], f["reason"]) for f in strat._record["failures"]] == [
+        (2, "error reply (code 5): Node Unavailable")]

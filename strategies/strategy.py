@@ -164,11 +164,14 @@ class CuriousFedAvg(FedAvg):
         # Unavailable", come from the SuperLink)
         dst = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent.get("messages", [])
                if m.metadata.message_id}
+        first = len(self._record["failures"])
         for msg in replies:
             node = dst.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             replied.add(node)
             reason = check_reply(msg, self._sent["expected"], max_examples, self.arrayrecord_key,
                                  self.weighted_by_key)
+            if reason is None and node in sent and reply_partition(msg) != str(sent[node]):
+                reason = f"reply claims partition {reply_partition(msg)}, but the node holds partition {sent[node]}"
             if reason is None:
                 ok.append(msg)
             else:
@@ -178,7 +181,7 @@ class CuriousFedAvg(FedAvg):
             if node not in replied:
                 self._record["failures"].append(
                     {"node": node, "partition_id": pid, "reason": f"no reply within round-timeout={timeout:g} s"})
-        for f in self._record["failures"]:
+        for f in self._record["failures"][first:]:
             log(WARNING, "round %s: reply of client %s dropped: %s", server_round,
                 f["partition_id"] if f["partition_id"] is not None else f["node"], f["reason"])
         ok.sort(key=lambda m: (sent.get(dst.get(m.metadata.reply_to_message_id, m.metadata.src_node_id), math.inf),

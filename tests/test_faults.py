@@ -222,3 +222,15 @@ def test_flower_error_replies_are_attributed_to_the_destination_node(tmp_path, f
     strat.aggregate_train(1, [reply(state, 1, 0), reply(state, 1, 1), err])
     assert [(f["partition_id"], f["reason"]) for f in strat._record["failures"]] == [
         (2, "error reply (code 5): Node Unavailable")]
+
+
+def test_a_reply_claiming_another_partition_is_rejected(tmp_path, fmnist):
+    """A client cannot pose as the victim (or anyone else) by rewriting its ``meta`` partition id."""
+    strat, cfg = strategy_for(tmp_path, fmnist, **{"attack-every": 0})
+    state = build_model(cfg["model"], fmnist.input_shape, fmnist.num_classes).state_dict()
+    strat.configure_train(1, ArrayRecord(state), ConfigRecord({"mode": "fedsgd"}), FakeGrid(3))
+    liar = reply(state, 1, 0)
+    liar.metadata.__dict__["_src_node_id"] = 3  # node 3 holds partition 2 but claims partition 0
+    strat.aggregate_train(1, [liar, reply(state, 1, 1)])
+    assert [(f["partition_id"], f["reason"]) for f in strat._record["failures"]] == [
+        (2, "reply claims partition 0, but the node holds partition 2"), (0, "no reply within round-timeout=300 s")]

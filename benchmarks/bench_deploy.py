@@ -3,7 +3,7 @@
 Flower 1.41 starts a fresh ``flwr-clientapp`` process for every message (Python, flwr and torch imports each
 time); what a round costs beyond that is polling: the SuperNode asks the SuperLink for work every 3 s when idle
 (fixed in Flower), its SuperExec asks the SuperNode for tasks every ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` seconds
-(default 1.0), and the ServerApp's Grid pulls replies every 3 s (fl-sim's ServerApp polls every 0.1 s instead).
+(default 1.0), and the ServerApp's Grid pulls replies every 3 s (fl-sim's ServerApp pulls every 0.25 s).
 This runs the same federation once per SuperExec poll interval and prints the mean round time (client phase plus
 aggregation, from ``metrics.jsonl``; round 1 excluded) and the wall time of ``flwr run``.
 

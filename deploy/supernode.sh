@@ -13,7 +13,8 @@
 #   FLWR_HOME  this node's Flower state folder (default ./.flwr/supernode-PARTITION_ID)
 #   NODE_KEY   private key (OpenSSH EC format, deploy/make_node_key.sh) when the SuperLink has NODE_AUTH=1
 #   INSECURE   1: no TLS (loopback experiments only)
-#   FLWR_SUPEREXEC_TASK_POLL_INTERVAL  seconds between the node's task polls (Flower's default 1.0; 0.1 here)
+#   FLWR_SUPEREXEC_TASK_POLL_INTERVAL  seconds between the node's task polls (Flower's default 1.0; shorter
+#              intervals measured slower on a 2-core machine, see docs/deployment.md)
 # The node reads its data itself: the embedded Fashion-MNIST subset, or the run config's data-dir on this machine.
 set -euo pipefail
 if [ $# -lt 3 ]; then echo "usage: $0 SUPERLINK_ADDRESS PARTITION_ID NUM_PARTITIONS [RUNTIME_PORT]" >&2; exit 2; fi
@@ -24,7 +25,6 @@ RUNTIME_PORT=${4:-9094}
 CERTS=${CERTS:-deploy/certs}
 export FLWR_HOME=${FLWR_HOME:-$PWD/.flwr/supernode-$PID_}
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-export FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}
 mkdir -p "$FLWR_HOME"
 args=(--superlink "$SUPERLINK" --port "$RUNTIME_PORT" --node-config "partition-id=$PID_ num-partitions=$NPARTS")
 if [ "${INSECURE:-0}" = 1 ]; then

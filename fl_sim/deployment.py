@@ -25,13 +25,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 
-#: Environment of every Flower process started here: no telemetry, no update check, no `uv sync` of the app's
-#: dependencies into a fresh environment per run, and SuperExec polling for tasks every 0.1 s instead of 1 s.
+#: Environment of every Flower process started here: no telemetry, no update check, and no `uv sync` of the app's
+#: dependencies into a fresh environment per run. (SuperExec keeps Flower's 1 s task poll: 0.1 s measured slower
+#: on 2 cores, see docs/deployment.md.)
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
 }
 
 

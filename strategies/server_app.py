@@ -36,10 +36,10 @@ class StoppableGrid(Grid):
     Flower's in-memory Grid waits the full timeout for replies that will never come once the simulation engine
     has stopped; this wrapper lets Ctrl-C and engine failures end the ServerApp within ``poll_s`` seconds (raising
     ``KeyboardInterrupt``). Flower's deployment Grid sleeps 3 s between pulls, which adds up to 3 s to every
-    round; polling every 0.1 s removes that wait. Every other call is delegated to the wrapped Grid.
+    round; :func:`reply_poll_s` picks a shorter interval. Every other call is delegated to the wrapped Grid.
     """
 
-    def __init__(self, grid: Grid, stop: Callable[[], bool], poll_s: float = 0.1):
+    def __init__(self, grid: Grid, stop: Callable[[], bool], poll_s: float = 0.05):
         self.grid, self.stop, self.poll_s = grid, stop, poll_s
 
     def set_run(self, run: Any) -> None:
@@ -74,6 +74,18 @@ class StoppableGrid(Grid):
             if pending:
                 time.sleep(self.poll_s)
         return replies
+
+
+def reply_poll_s(grid: Grid) -> float:
+    """Seconds between reply pulls: 0.05 in simulation (an in-memory lookup), 0.25 against a SuperLink.
+
+    Flower's deployment Grid sleeps 3 s between pulls. Measured with 2 SuperNodes on the 2-core development
+    machine, pulling every 0.1 s instead cut a round from 9.9 s to 6.6 s (``benchmarks/bench_deploy.py``); polling
+    much faster only burns CPU on the SuperLink.
+    """
+    from flwr.superlink.grid import InMemoryGrid
+
+    return 0.05 if isinstance(grid, InMemoryGrid) else 0.25
 
 
 def wait_for_nodes(grid: Grid, n: int, timeout_s: float, poll_s: float = 0.2) -> None:
@@ -133,8 +145,7 @@ def run_server(grid: Grid, cfg: Mapping[str, Any], on_round: Callable[[dict[str,
         ConfigError: a new run's directory already holds results.
         ResumeError: ``resume`` and the run directory has no usable checkpoint.
     """
-    # Flower's deployment Grid polls for replies every 3 s; this one polls every 0.1 s (and honours ``stop``).
-    grid = StoppableGrid(grid, stop or (lambda: False), poll_s=0.1)
+    grid = StoppableGrid(grid, stop or (lambda: False), poll_s=reply_poll_s(grid))
     seed_everything(int(cfg["seed"]))
     data = load_dataset(str(cfg["dataset"]), str(cfg["data-dir"]))
     if resume:

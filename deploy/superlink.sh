@@ -16,6 +16,7 @@ PORT=${2:-9092}
 CERTS=${CERTS:-deploy/certs}
 export FLWR_HOME=${FLWR_HOME:-$PWD/.flwr/superlink}
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # idle OpenMP threads sleep instead of spinning on busy cores
 mkdir -p "$FLWR_HOME"
 args=(--host "$HOST" --port "$PORT" --disable-runtime-dependency-installation)
 if [ "${INSECURE:-0}" = 1 ]; then

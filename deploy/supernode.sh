@@ -25,6 +25,7 @@ RUNTIME_PORT=${4:-9094}
 CERTS=${CERTS:-deploy/certs}
 export FLWR_HOME=${FLWR_HOME:-$PWD/.flwr/supernode-$PID_}
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # idle OpenMP threads sleep instead of spinning on busy cores
 mkdir -p "$FLWR_HOME"
 args=(--superlink "$SUPERLINK" --port "$RUNTIME_PORT" --node-config "partition-id=$PID_ num-partitions=$NPARTS")
 if [ "${INSECURE:-0}" = 1 ]; then

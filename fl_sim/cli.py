@@ -238,6 +238,9 @@ def deploy(
 
 def main() -> None:
     """Console-script entry point."""
+    # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. With 2 threads on 2 busy cores a
+    # spinning barrier made one 10-iteration attack take 27-50 s instead of 1-2 s (benchmarks: docs/deployment.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         cli()
     except ConfigError as exc:

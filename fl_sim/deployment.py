@@ -25,13 +25,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 
-#: Environment of every Flower process started here: no telemetry, no update check, and no `uv sync` of the app's
-#: dependencies into a fresh environment per run. (SuperExec keeps Flower's 1 s task poll: 0.1 s measured slower
+#: Environment of every Flower process started here: no telemetry, no update check, no `uv sync` of the app's
+#: dependencies into a fresh environment per run, and sleeping (not spinning) OpenMP threads. (SuperExec keeps Flower's 1 s task poll: 0.1 s measured slower
 #: on 2 cores, see docs/deployment.md.)
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "OMP_WAIT_POLICY": "PASSIVE",  # idle OpenMP threads sleep: no spinning on busy cores (ServerApp attacks)
 }
 
 

@@ -55,6 +55,7 @@ def main(argv: list[str]) -> int:
     cmd = ["flwr", "run", ".", "local", "--federation-config", federation, "--stream"]
     if run_config:
         cmd[4:4] = ["--run-config", run_config]
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the fl-sim CLI: OpenMP threads sleep when idle
     before = superlink_pids()
     print("+", " ".join(cmd), flush=True)
     try:

@@ -18,8 +18,9 @@ def test_tls_deployment_two_supernodes_two_rounds_with_an_attack(tmp_path):
                         "attack-time-limit": 0.0, "round-timeout": 120.0, "node-timeout": 120.0,
                         "out-dir": str(out), "run-name": "deployed"}, timeout_s=420)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + fed.logs()
+        fed.procs.refresh()
         tracked = dict(fed.procs.known)
-        assert len(tracked) >= 1 + 2 * 2  # SuperLink and SuperNodes, plus the SuperExecs they started
+        assert len(tracked) >= 2 * (1 + 2)  # SuperLink and SuperNodes, and the SuperExec each of them started
     finally:
         fed.close()
     # every process it started, and every process those started, is gone

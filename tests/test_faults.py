@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MetricRecord, Reco
 from clients.client_app import drops_out
 from conftest import make_message
 from fl_sim.config import ConfigError, resolve
+from fl_sim.deployment import ProcessTracker
 from fl_sim.models import build_model
 from strategies.faults import check_reply, expected_arrays, sample_partitions, short_reason
 from test_strategy import FakeGrid, reply, strategy_for
@@ -168,10 +168,15 @@ def test_short_reason_keeps_the_exception_line():
 def test_faulty_clients_in_a_simulation(tmp_path):
     """6 simulated clients (Ray): NaN, wrong shape, raising and silent clients are dropped; the run completes."""
     out = tmp_path / "faults"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fault_apps.py"), str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_WAIT_POLICY": "PASSIVE"}  # as the fl-sim CLI sets it
+    procs = ProcessTracker()  # the run and its Ray processes, stopped by pid whatever happens
+    try:
+        proc = procs.start([sys.executable, str(ROOT / "tests" / "fault_apps.py"), str(out)], tmp_path / "log",
+                           env, ROOT)
+        assert proc.wait(timeout=400) == 0, (tmp_path / "log").read_text()[-5000:]
+    finally:
+        procs.stop()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds"] == 2
     assert math.isfinite(summary["final_accuracy"]) and summary["final_accuracy"] > 0.1

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fl-sim-installed
 ARGS ?=
 
-.PHONY: run test venv flwr-run bench clean-runs
+.PHONY: run test venv flwr-run deploy bench clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(STAMP)
 flwr-run: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 \
 	  FLWR_HOME="$(CURDIR)/.flwr-home" $(BIN)/python scripts/flwr_run_local.py $(ARGS)
+
+# Flower's deployment engine on this machine: a TLS SuperLink and num-supernodes SuperNodes on 127.0.0.1, `flwr run`,
+# then every process stopped (docs/deployment.md has the multi-machine commands).
+deploy: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/fl-sim deploy $(ARGS)
 
 bench: $(STAMP)
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done

@@ -42,6 +42,8 @@ def run(
                                           help="run-config overrides, the keys of 'fl-sim keys'"),
     out: Path = typer.Option(None, "--out", help="run directory to create (default: out-dir/run-name)"),
     verbose: bool = typer.Option(False, "--verbose", help="show Flower's per-round logs"),
+    resume: Path = typer.Option(None, "--resume", help="continue a killed or interrupted run from its last "
+                                                       "checkpoint (a run directory; takes no KEY=VALUE)"),
 ) -> None:
     """Run a federated simulation whose honest-but-curious server attacks client updates."""
     from rich.console import Console
@@ -50,12 +52,17 @@ def run(
     from fl_sim.results import default_run_name
     from strategies.server_app import prepare_run_dir
 
+    done = 0
     try:
-        cfg = _resolve_cli(overrides, out)
-        if not cfg["run-name"]:
-            cfg["run-name"] = default_run_name(cfg)
+        if resume is not None:
+            cfg, done = _resume_config(resume, overrides, out)
+        else:
+            cfg = _resolve_cli(overrides, out)
+            if not cfg["run-name"]:
+                cfg["run-name"] = default_run_name(cfg)
         check_feasible(cfg)
-        prepare_run_dir(cfg)
+        if resume is None:
+            prepare_run_dir(cfg)
     except ConfigError as exc:
         fail(str(exc))
     from fl_sim import simulation
@@ -63,7 +70,7 @@ def run(
     console = Console(stderr=True)
     progress = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.description}"),
                         TimeElapsedColumn(), console=console, transient=False, disable=verbose)
-    task = progress.add_task("", total=int(cfg["num-server-rounds"]))
+    task = progress.add_task("", total=int(cfg["num-server-rounds"]), completed=done)
     last = {"acc": None, "psnr": None}
 
     def on_round(record: dict[str, Any]) -> None:
@@ -91,7 +98,7 @@ def run(
     start = time.time()
     try:
         with progress:
-            run_dir = simulation.run(cfg, on_round=on_round, verbose=verbose)
+            run_dir = simulation.run(cfg, on_round=on_round, verbose=verbose, resume=resume is not None)
     except KeyboardInterrupt:
         _finish_interrupted(cfg, start)
         typer.echo("fl-sim: interrupted; results so far are in the run directory", err=True)
@@ -104,6 +111,33 @@ def run(
     _print_summary(Path(run_dir))
     if simulation.STOP.is_set():
         raise typer.Exit(130)
+
+
+def _resume_config(run_dir: Path, overrides: list[str] | None, out: Path | None) -> tuple[dict[str, Any], int]:
+    """The resolved config of the run in ``run_dir`` and its last checkpointed round.
+
+    Raises:
+        ConfigError: KEY=VALUE or --out given, not a run directory, no checkpoint, or the run already completed.
+    """
+    import tomllib
+
+    from strategies.checkpoint import ResumeError, load_checkpoint
+
+    if overrides or out is not None:
+        raise ConfigError("--resume takes no KEY=VALUE and no --out: a resumed run keeps its own config.toml")
+    run_dir = run_dir.expanduser().resolve()
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"--resume {run_dir}: not a run directory (no config.toml)")
+    cfg = resolve(tomllib.loads((run_dir / "config.toml").read_text()))
+    cfg["out-dir"], cfg["run-name"] = str(run_dir.parent), run_dir.name  # the directory may have moved
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("status") == "completed":
+        raise ConfigError(f"--resume {run_dir}: the run already completed (summary.json status 'completed')")
+    try:
+        done = int(load_checkpoint(run_dir)["round"])
+    except ResumeError as exc:
+        raise ConfigError(f"--resume {run_dir}: {exc}") from exc
+    return cfg, done
 
 
 def _finish_interrupted(cfg: dict[str, Any], start: float) -> None:
@@ -366,8 +400,54 @@ def _audit_images(cfg: dict[str, Any], image: list[Path] | None, index: int | No
     return ds.x_train[index:index + n], ds.y_train[index:index + n]
 
 
+@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+def deploy(
+    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...",
+                                          help="run-config overrides; num-supernodes SuperNodes are started"),
+    out: Path = typer.Option(None, "--out", help="run directory to create (default: out-dir/run-name)"),
+    workdir: Path = typer.Option(None, "--workdir", help="certificates, Flower state and logs (default: a temporary "
+                                                        "folder, deleted afterwards)"),
+    insecure: bool = typer.Option(False, "--insecure", help="no TLS"),
+    node_auth: bool = typer.Option(False, "--node-auth", help="SuperNode authentication (needs ssh-keygen)"),
+) -> None:
+    """Run on Flower's deployment engine on this machine: a TLS SuperLink and num-supernodes SuperNodes on
+    127.0.0.1, then `flwr run`; every process is stopped afterwards. See docs/deployment.md for real machines."""
+    import tempfile
+
+    from fl_sim.deployment import LocalFederation
+    from fl_sim.results import default_run_name
+    from strategies.server_app import prepare_run_dir
+
+    try:
+        cfg = _resolve_cli(overrides, out)
+        if not cfg["run-name"]:
+            cfg["run-name"] = default_run_name(cfg)
+        cfg["out-dir"] = str(Path(str(cfg["out-dir"])).expanduser().resolve())
+        check_feasible(cfg)
+        prepare_run_dir(cfg)
+    except ConfigError as exc:
+        fail(str(exc))
+    with tempfile.TemporaryDirectory(prefix="fl-sim-deploy-") as tmp:
+        fed = LocalFederation(workdir or Path(tmp), int(cfg["num-supernodes"]), tls=not insecure,
+                              node_auth=node_auth)
+        try:
+            with fed:
+                proc = fed.run(cfg, timeout_s=None)
+        except KeyboardInterrupt:
+            fail("interrupted; every SuperLink/SuperNode process was stopped", code=130)
+        if proc.returncode != 0:
+            typer.echo(proc.stdout[-3000:] + proc.stderr[-3000:] + fed.logs(), err=True)
+            fail(f"flwr run exited with code {proc.returncode}", code=1)
+    from fl_sim.results import run_dir_for
+
+    _print_summary(run_dir_for(cfg))
+
+
 def main() -> None:
     """Console-script entry point."""
+    # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. With 2 threads on 2 busy cores a
+    # spinning barrier made one 10-iteration attack take 27-50 s instead of 1-2 s (benchmarks: docs/deployment.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         cli()
     except ConfigError as exc:

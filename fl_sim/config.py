@@ -113,6 +113,10 @@ KEYS: dict[str, Key] = {
     "client-num-cpus": Key(1.0, "CPU cores per simulated client (also caps its torch threads)", low=0,
                            low_open=True),
     "client-num-gpus": Key(0.0, "GPU fraction per simulated client (0 = CPU)", low=0),
+    "client-dropout": Key(0.0, "probability that a sampled client drops out of a training round (it replies with "
+                               "an error instead of training; seeded by seed, round and partition id)", low=0, high=1),
+    "min-replies": Key(1, "fewest usable train replies that update the global model; a round with fewer keeps the "
+                          "previous model and is logged as skipped", low=1),
     "out-dir": Key("runs", "folder that receives the run directory"),
     "run-name": Key("", "run directory name (empty = timestamp and settings)"),
     # --- data ------------------------------------------------------------------------------------------------
@@ -349,6 +353,12 @@ def check(cfg: Mapping[str, Value]) -> None:
     check_attack_options(cfg)
     victim = str(cfg["victim"])
     n = int(cfg["num-supernodes"])
+    sampled = max(1, int(n * float(cfg["fraction-train"])))
+    if int(cfg["min-replies"]) > sampled:
+        raise ConfigError(
+            f"min-replies={cfg['min-replies']} is not allowed; only {sampled} clients are sampled per round "
+            f"(num-supernodes={n}, fraction-train={cfg['fraction-train']}), so min-replies must be <= {sampled}"
+        )
     if victim != "random" and not (victim.isdigit() and int(victim) < n):
         raise ConfigError(
             f"victim={victim!r} is not allowed; victim must be 'random' or a partition id in 0..{n - 1} "

@@ -9,11 +9,14 @@ Layout::
       accuracy.png       test accuracy (and attack PSNR) against round
       report.md          a human-readable summary linking the figures
       summary.json       final_accuracy (0–1), rounds, wall_time_s, attacks [...], and more
+      checkpoint.pkl     the server state after the last completed round (``fl-sim run --resume``)
 
 A ``metrics.jsonl`` line holds ``round``, ``lr``, ``accuracy``, ``loss`` (central test set; ``null`` when not
 evaluated that round), ``round_time_s`` (client phase + aggregation, attacks and evaluation excluded),
 ``clients`` (per client: ``partition_id``, ``num_examples``, ``train_loss``, ``train_time_s``, ``defense_time_s``),
-``failures`` (replies dropped, with reasons) and ``attacks`` (per attack: ``round``, ``client``, ``attack``,
+``failures`` (replies dropped, per client: ``node``, ``partition_id``, ``reason`` — error replies, malformed
+updates, no reply within ``round-timeout``, dropouts), ``skipped`` (only when fewer than ``min-replies`` replies were
+usable: why the global model was kept) and ``attacks`` (per attack: ``round``, ``client``, ``attack``,
 ``psnr``, ``ssim``, ``mse``, ``label_accuracy``, ``time_s``, ``iterations``, ``image``).
 """
 

@@ -61,7 +61,7 @@ def quiet_flower(verbose: bool) -> None:
 
 
 def run(cfg: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None,
-        verbose: bool = False) -> Path:
+        verbose: bool = False, resume: bool = False, client_app: Any = None) -> Path:
     """Simulate the federation described by the resolved config ``cfg``; return the run directory.
 
     Args:
@@ -69,6 +69,9 @@ def run(cfg: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | Non
             :func:`fl_sim.config.check_feasible`.
         on_round: optional callback after each round (the round's record), e.g. a progress bar.
         verbose: keep Flower's INFO logging.
+        resume: continue the run in ``cfg``'s run directory from its last checkpoint.
+        client_app: a ClientApp to simulate instead of ``clients.client_app.app`` (Python API only; the tests
+            use it to inject faulty clients).
 
     Raises:
         RuntimeError: the simulation engine failed (the run directory keeps what was written).
@@ -81,7 +84,8 @@ def run(cfg: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | Non
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
 
-    from clients.client_app import app as client_app
+    if client_app is None:
+        from clients.client_app import app as client_app
     from strategies.server_app import run_server
 
     quiet_flower(verbose)
@@ -91,7 +95,7 @@ def run(cfg: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | Non
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        out["run_dir"] = run_server(grid, cfg, on_round=on_round, stop=STOP.is_set)
+        out["run_dir"] = run_server(grid, cfg, on_round=on_round, stop=STOP.is_set, resume=resume)
 
     with tempfile.TemporaryDirectory(prefix="fl-sim-app-") as app_dir:
         Path(app_dir, "pyproject.toml").write_text(APP_PYPROJECT + pyproject_block(cfg))

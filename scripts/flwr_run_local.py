@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fl_sim.config import ConfigError, parse_overrides, resolve  # noqa: E402
+from fl_sim.config import ConfigError, check_feasible, parse_overrides, resolve  # noqa: E402
 
 
 def superlink_pids() -> set[int]:
@@ -41,6 +41,7 @@ def main(argv: list[str]) -> int:
     try:
         overrides = parse_overrides(argv)
         cfg = resolve(overrides)
+        check_feasible(cfg)  # e.g. GPUs requested without CUDA: one line here, not Flower's empty actor pool
     except ConfigError as exc:
         print(f"fl-sim: error: {exc}", file=sys.stderr)
         return 2
@@ -54,6 +55,7 @@ def main(argv: list[str]) -> int:
     cmd = ["flwr", "run", ".", "local", "--federation-config", federation, "--stream"]
     if run_config:
         cmd[4:4] = ["--run-config", run_config]
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the fl-sim CLI: OpenMP threads sleep when idle
     before = superlink_pids()
     print("+", " ".join(cmd), flush=True)
     try:

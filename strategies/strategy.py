@@ -13,11 +13,11 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -29,6 +29,7 @@ from fl_sim.fedkl_models import private_state_keys
 from fl_sim.models import build_model, evaluate
 from fl_sim.results import RunRecorder
 from strategies.compensation import SERVER_STEPS
+from strategies.faults import check_reply, discover_partitions, expected_arrays, sample_partitions
 
 
 #: Reply metrics that defenses add (public diagnostics such as the DP budget), copied into each client's record.
@@ -84,13 +85,12 @@ class CuriousFedAvg(FedAvg):
     def __init__(self, cfg: Mapping[str, Any], data: Dataset, recorder: RunRecorder,
                  on_round: Callable[[dict[str, Any]], None] | None = None,
                  stop: Callable[[], bool] | None = None):
-        n = int(cfg["num-supernodes"])
         super().__init__(
             fraction_train=float(cfg["fraction-train"]),
             fraction_evaluate=float(cfg["fraction-evaluate"]),
             min_train_nodes=1,
             min_evaluate_nodes=1 if float(cfg["fraction-evaluate"]) > 0 else 0,
-            min_available_nodes=n,
+            min_available_nodes=1,  # run_server waits for all n at the start; never wait for a lost node
         )
         self.cfg = dict(cfg)
         self.data = data
@@ -102,6 +102,8 @@ class CuriousFedAvg(FedAvg):
         self.rng = random.Random(int(cfg["seed"]))
         self.eval_model = build_model(str(cfg["model"]), data.input_shape, data.num_classes)
         self._sent: dict[str, Any] = {}
+        self.partition_of: dict[int, int] = {}  # Flower node id -> partition id (learnt by query.whoami)
+        self.excluded: set[int] = set()  # nodes that did not answer query.whoami or were replaced (never sampled)
         self._record: dict[str, Any] = {}
         self._t0 = 0.0
         self.num_rounds = int(cfg["num-server-rounds"])
@@ -109,30 +111,91 @@ class CuriousFedAvg(FedAvg):
     # -- rounds ------------------------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Send the global arrays with this round's train config, remembering both for the attacker."""
+        """Send the global arrays with this round's train config to the sampled clients, remembering both.
+
+        Clients are sampled by partition id (:func:`strategies.faults.sample_partitions`: ``fraction-train`` of
+        ``num-supernodes``, seeded by ``(seed, round)``), among the connected nodes whose partition id is known;
+        nodes seen for the first time are asked for it (:func:`strategies.faults.discover_partitions`, waiting
+        up to ``node-timeout``; a node that does not answer is never sampled). Unlike FedAvg's sampling, this never
+        waits for nodes that have gone away.
+        """
         if self.stop():
             raise KeyboardInterrupt("stop requested")
-        self._t0 = time.perf_counter()
+        self._record = {"round": server_round, "lr": lr_at(self.cfg, server_round), "sampled": 0, "clients": [],
+                        "failures": [], "attacks": []}
+        connected = sorted(grid.get_node_ids())
+        online = set(connected)
+        new = [n for n in connected if n not in self.partition_of and n not in self.excluded]
+        found, failures = discover_partitions(grid, new, int(self.cfg["num-supernodes"]),
+                                              float(self.cfg["node-timeout"]),
+                                              {n: p for n, p in self.partition_of.items() if n in online},
+                                              strict=not self.partition_of)
+        taken = set(found.values())
+        self.partition_of = {n: p for n, p in self.partition_of.items() if p not in taken} | found
+        self.excluded.update(f["node"] for f in failures)  # silent or replaced: never asked again
+        self._record["failures"].extend(failures)
+        self._t0 = time.perf_counter()  # the round's clock starts after the one-off node discovery
+        node_of = {p: n for n, p in self.partition_of.items() if n in online}
+        chosen = sample_partitions(node_of, int(self.cfg["num-supernodes"]), float(self.cfg["fraction-train"]),
+                                   int(self.cfg["seed"]), server_round) if node_of else []
         sent_cfg = ConfigRecord(dict(config))
-        sent_cfg["lr"] = lr_at(self.cfg, server_round)
-        messages = list(super().configure_train(server_round, arrays, sent_cfg, grid))
+        sent_cfg["lr"] = self._record["lr"]
+        sent_cfg["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: sent_cfg})
+        messages = list(self._construct_messages(record, [node_of[p] for p in chosen], MessageType.TRAIN))
         self._sent = {
             "round": server_round,
             "state": {k: v.clone() for k, v in arrays.to_torch_state_dict().items()},
+            "expected": expected_arrays(arrays),
             "config": dict(sent_cfg),
+            "nodes": {node_of[p]: p for p in chosen},
+            "messages": messages,  # the Grid gives them their message ids when it sends them
         }
-        self._record = {"round": server_round, "lr": sent_cfg["lr"], "sampled": len(messages), "clients": [],
-                        "failures": [], "attacks": []}
+        self._record["sampled"] = len(messages)
         return messages
 
     def usable_replies(self, server_round: int, replies: list[Message]) -> list[Message]:
-        """Replies fit for the attacker and for aggregation; the rest are logged in the round's ``failures``."""
-        ok = []
+        """Replies fit for the attacker and for aggregation, sorted by partition id (a fixed summation order).
+
+        Every other reply (:func:`strategies.faults.check_reply`), and every sampled client that did not reply
+        within ``round-timeout``, is logged in the round's ``failures`` with its reason. When fewer than
+        ``min-replies`` replies are usable, none is returned: the round keeps the previous global model and its
+        record says why in ``skipped``.
+        """
+        sent = self._sent.get("nodes", {})
+        max_examples = len(self.data.y_train)
+        ok, replied = [], set()
+        # a reply's sender is its reply_to message's destination (Flower's own error replies, e.g. "Node
+        # Unavailable", come from the SuperLink)
+        dst = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent.get("messages", [])
+               if m.metadata.message_id}
+        first = len(self._record["failures"])
         for msg in replies:
-            if msg.has_error():
-                self._record["failures"].append({"node": msg.metadata.src_node_id, "reason": msg.error.reason})
-            else:
+            node = dst.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            replied.add(node)
+            reason = check_reply(msg, self._sent["expected"], max_examples, self.arrayrecord_key,
+                                 self.weighted_by_key)
+            if reason is None and node in sent and reply_partition(msg) != str(sent[node]):
+                reason = f"reply claims partition {reply_partition(msg)}, but the node holds partition {sent[node]}"
+            if reason is None:
                 ok.append(msg)
+            else:
+                self._record["failures"].append({"node": node, "partition_id": sent.get(node), "reason": reason})
+        timeout = float(self.cfg["round-timeout"])
+        for node, pid in sent.items():
+            if node not in replied:
+                self._record["failures"].append(
+                    {"node": node, "partition_id": pid, "reason": f"no reply within round-timeout={timeout:g} s"})
+        for f in self._record["failures"][first:]:
+            log(WARNING, "round %s: reply of client %s dropped: %s", server_round,
+                f["partition_id"] if f["partition_id"] is not None else f["node"], f["reason"])
+        ok.sort(key=lambda m: (sent.get(dst.get(m.metadata.reply_to_message_id, m.metadata.src_node_id), math.inf),
+                               m.metadata.src_node_id))
+        need = int(self.cfg["min-replies"])
+        if len(ok) < need:
+            self._record["skipped"] = f"{len(ok)} usable replies < min-replies={need}; global model unchanged"
+            log(WARNING, "round %s skipped: %s", server_round, self._record["skipped"])
+            return []
         return ok
 
     def aggregate_train(self, server_round: int,

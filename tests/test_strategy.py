@@ -14,11 +14,22 @@ from strategies.strategy import CuriousFedAvg, lr_at
 
 
 class FakeGrid:
+    """Nodes 1..n; node i holds partition i - 1 (answers the server's ``query.whoami``)."""
+
     def __init__(self, n):
         self.ids = list(range(1, n + 1))
 
     def get_node_ids(self):
         return self.ids
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for m in messages:
+            assert m.metadata.message_type == "query.whoami"
+            meta = ConfigRecord({"partition-id": m.metadata.dst_node_id - 1, "num-partitions": len(self.ids)})
+            out.append(make_message(RecordDict({"meta": meta}), src_node_id=m.metadata.dst_node_id,
+                                    message_type="query.whoami"))
+        return out
 
 
 def reply(state, n, pid, indices=None):

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Start a Flower SuperNode (one client machine) that trains partition ID of NUM partitions.
+#
+#   deploy/supernode.sh SUPERLINK_ADDRESS PARTITION_ID NUM_PARTITIONS [RUNTIME_PORT]
+#   e.g. deploy/supernode.sh 192.168.1.10:9092 0 2
+#
+# NUM_PARTITIONS must equal the run's num-supernodes, and every SuperNode needs its own PARTITION_ID in
+# 0..NUM_PARTITIONS-1 (the ServerApp checks both). RUNTIME_PORT (default 9094) is the node's local Runtime API
+# port: two SuperNodes on one machine need different ones.
+#
+# Environment:
+#   CERTS      folder with ca.crt (the CA that signed the SuperLink's certificate; default deploy/certs)
+#   FLWR_HOME  this node's Flower state folder (default ./.flwr/supernode-PARTITION_ID)
+#   NODE_KEY   private key (OpenSSH EC format, deploy/make_node_key.sh) when the SuperLink has NODE_AUTH=1
+#   INSECURE   1: no TLS (loopback experiments only)
+#   FLWR_SUPEREXEC_TASK_POLL_INTERVAL  seconds between the node's task polls (Flower's default 1.0; shorter
+#              intervals measured slower on a 2-core machine, see docs/deployment.md)
+# The node reads its data itself: the embedded Fashion-MNIST subset, or the run config's data-dir on this machine.
+set -euo pipefail
+if [ $# -lt 3 ]; then echo "usage: $0 SUPERLINK_ADDRESS PARTITION_ID NUM_PARTITIONS [RUNTIME_PORT]" >&2; exit 2; fi
+SUPERLINK=$1
+PID_=$2
+NPARTS=$3
+RUNTIME_PORT=${4:-9094}
+CERTS=${CERTS:-deploy/certs}
+export FLWR_HOME=${FLWR_HOME:-$PWD/.flwr/supernode-$PID_}
+export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # idle OpenMP threads sleep instead of spinning on busy cores
+mkdir -p "$FLWR_HOME"
+args=(--superlink "$SUPERLINK" --port "$RUNTIME_PORT" --node-config "partition-id=$PID_ num-partitions=$NPARTS")
+if [ "${INSECURE:-0}" = 1 ]; then
+  args+=(--insecure)
+else
+  args+=(--root-certificates "$CERTS/ca.crt")
+fi
+[ -n "${NODE_KEY:-}" ] && args+=(--auth-supernode-private-key "$NODE_KEY")
+exec flower-supernode "${args[@]}"

@@ -62,7 +62,10 @@ MKLDNN = False
 
 @contextlib.contextmanager
 def mkldnn(enabled: bool) -> Iterator[None]:
-    """Temporarily enable or disable oneDNN (mkldnn) kernels (without touching the TF32 flags)."""
+    """Temporarily enable or disable oneDNN (mkldnn) kernels (without touching the TF32 flags).
+
+    ``torch.backends.mkldnn.flags`` would also reset oneDNN's TF32 flag, which warns on every call on CPU builds.
+    """
     previous = torch._C._get_mkldnn_enabled()
     torch._C._set_mkldnn_enabled(enabled)
     try:

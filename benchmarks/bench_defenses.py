@@ -41,11 +41,11 @@ INHERENT = {
 }
 
 
-def _message(content):
+def _message(content, message_type="train", dst_node_id=1):
     from flwr.app import Message, Metadata
 
-    md = Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=1, reply_to_message_id="",
-                  group_id="1", created_at=time.time(), ttl=3600, message_type="train")
+    md = Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=dst_node_id,
+                  reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600, message_type=message_type)
     return Message(content=content, metadata=md)
 
 
@@ -79,20 +79,26 @@ class Federation:
 
         from clients.client_app import app
 
+        contexts = self.contexts
+
         class Grid:
-            def __init__(self, n):
-                self.n = n
+            """Node i + 1 is client i; queries (the server's ``query.whoami``) go through the real ClientApp."""
 
             def get_node_ids(self):
-                return list(range(1, self.n + 1))
+                return list(range(1, len(contexts) + 1))
+
+            def send_and_receive(self, messages, *, timeout=None):
+                return [app(_message(m.content, m.metadata.message_type, m.metadata.dst_node_id),
+                            contexts[m.metadata.dst_node_id - 1]) for m in messages]
 
         self.round += 1
         t = time.perf_counter()
-        msgs = list(self.strategy.configure_train(self.round, self.arrays, self.train_config, Grid(len(self.contexts))))
+        msgs = list(self.strategy.configure_train(self.round, self.arrays, self.train_config, Grid()))
         replies = []
-        for msg, ctx in zip(msgs, self.contexts):
+        for msg in msgs:
+            node = msg.metadata.dst_node_id
             content = RecordDict({"arrays": msg.content["arrays"], "config": ConfigRecord(dict(msg.content["config"]))})
-            replies.append(app(_message(content), ctx))
+            replies.append(app(_message(content, "train", node), self.contexts[node - 1]))
         arrays, _ = self.strategy.aggregate_train(self.round, replies)
         self.arrays = arrays
         return time.perf_counter() - t

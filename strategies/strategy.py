@@ -59,6 +59,24 @@ def train_config(cfg: Mapping[str, Any]) -> ConfigRecord:
     })
 
 
+def cast_like(arrays: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """Give the aggregate the dtypes of the global model the server sent.
+
+    Flower's FedAvg averages every array in floating point, so an integer buffer (BatchNorm's
+    ``num_batches_tracked``, ``int64``) would come back as ``float64`` and every later reply — which carries the
+    client's ``int64`` buffer — would fail the dtype check. Integer arrays are rounded, floating ones cast.
+    """
+    state = arrays.to_torch_state_dict()
+    out = {}
+    for k, v in state.items():
+        ref = reference.get(k)
+        if ref is None or v.dtype == ref.dtype:
+            out[k] = v
+        else:
+            out[k] = (v if ref.is_floating_point() else v.round()).to(ref.dtype)
+    return ArrayRecord(out)
+
+
 def reply_metrics(msg: Message) -> dict[str, Any]:
     """The single MetricRecord of a train reply, as a dict."""
     return dict(next(iter(msg.content.metric_records.values())))
@@ -222,6 +240,8 @@ class CuriousFedAvg(FedAvg):
                 self._record["attacks"].append(self.run_attack(server_round, victim))
                 attack_s = time.perf_counter() - t
         arrays, metrics = super().aggregate_train(server_round, ok)
+        if arrays is not None:
+            arrays = cast_like(arrays, self._sent["state"])
         if arrays is not None and self.server_step is not None:
             arrays = self.server_step(arrays, ok, self._sent, self.cfg)
         self._record["round_time_s"] = time.perf_counter() - self._t0 - attack_s

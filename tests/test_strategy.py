@@ -114,3 +114,25 @@ def test_cosine_schedule():
     cfg = resolve({"lr": 0.2, "num-server-rounds": 10})
     assert lr_at(cfg, 1) == 0.2 and np.isclose(lr_at(cfg, 6), 0.1) and lr_at(cfg, 10) < 0.01
     assert lr_at(resolve({"lr-schedule": "constant"}), 50) == resolve()["lr"]
+
+
+def test_aggregate_keeps_integer_buffers_integer(tmp_path, fmnist):
+    """BatchNorm's int64 num_batches_tracked stays int64 after FedAvg, so round 2's replies still pass the checks."""
+    strat, cfg = strategy_for(tmp_path, fmnist, **{"attack-every": 0, "model": "lenet-kl"})
+    model = build_model("lenet-kl", fmnist.input_shape, fmnist.num_classes)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ints = [k for k, v in state.items() if not v.is_floating_point()]
+    assert ints, "lenet-kl should have an integer BatchNorm buffer"
+    arrays = ArrayRecord(state)
+    for rnd in (1, 2):
+        strat.configure_train(rnd, arrays, ConfigRecord({"mode": "fedsgd", "lr": 0.1, "batch-size": 1}), FakeGrid(3))
+        sent = arrays.to_torch_state_dict()
+        replies = []
+        for pid in range(3):
+            s = {k: (v + pid if k in ints else v * (1 + pid)) for k, v in sent.items()}
+            replies.append(reply(s, 1, pid))
+        arrays, _ = strat.aggregate_train(rnd, replies)
+        assert arrays is not None and strat._record["failures"] == [], strat._record["failures"]
+        out = arrays.to_torch_state_dict()
+        for k in ints:
+            assert out[k].dtype == torch.int64 and int(out[k]) == int(sent[k]) + 1

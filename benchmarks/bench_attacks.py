@@ -31,10 +31,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attacker import ATTACKS, AttackOptions, AttackPayload, Budget  # noqa: E402
+from attacker import ATTACKS, AttackOptions, Budget  # noqa: E402
 from attacker.metrics import psnr  # noqa: E402
+from fl_sim.audit import fedsgd_payload  # noqa: E402
 from fl_sim.data import DATASET_STATS, denormalize, to_tensor  # noqa: E402
-from fl_sim.models import build_model  # noqa: E402
 
 TARGET_DB = 40.0
 MEAN, STD = DATASET_STATS["cifar10"]
@@ -48,14 +48,8 @@ def photo() -> np.ndarray:
 
 
 def victim(model_name: str, x: torch.Tensor, y: torch.Tensor, seed: int, lr: float = 0.1):
-    torch.manual_seed(seed)
-    model = build_model(model_name, tuple(x.shape[1:]), 10)
-    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    update = {n: -lr * g for (n, _), g in zip(model.named_parameters(), grads)}
-    payload = AttackPayload(model_name, tuple(x.shape[1:]), 10, MEAN, STD, state, update, len(x),
-                            {"mode": "fedsgd", "lr": lr, "batch-size": len(x)})
-    return model, [g.detach() for g in grads], payload
+    payload, model, grads = fedsgd_payload(model_name, x, y, MEAN, STD, 10, lr, seed)
+    return model, grads, payload
 
 
 def reference_idlg(model, target, x, y, seed: int, steps: int = 300) -> dict:

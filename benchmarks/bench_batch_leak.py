@@ -20,24 +20,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attacker import ATTACKS, AttackPayload, Budget  # noqa: E402
+from attacker import ATTACKS, Budget  # noqa: E402
 from attacker.metrics import score  # noqa: E402
+from fl_sim.audit import fedsgd_payload  # noqa: E402
 from fl_sim.data import denormalize, load_dataset, to_tensor  # noqa: E402
-from fl_sim.models import build_model  # noqa: E402
 
 
 def one(attack: str, model: str, batch: int, seed: int) -> dict[str, float]:
     data = load_dataset("fashion-mnist")
-    torch.manual_seed(seed)
-    net = build_model(model, data.input_shape, data.num_classes)
     idx = np.random.default_rng(seed).choice(len(data.y_train), batch, replace=False)
     x = to_tensor(data.x_train[idx], data.mean, data.std)
     y = torch.as_tensor(data.y_train[idx])
-    grads = torch.autograd.grad(torch.nn.functional.cross_entropy(net(x), y), list(net.parameters()))
-    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    update = {n: -0.15 * g for (n, _), g in zip(net.named_parameters(), grads)}
-    payload = AttackPayload(model, data.input_shape, data.num_classes, data.mean, data.std, state, update, batch,
-                            {"mode": "fedsgd", "lr": 0.15, "batch-size": batch})
+    payload, _, _ = fedsgd_payload(model, x, y, data.mean, data.std, data.num_classes, lr=0.15, seed=seed)
     res = ATTACKS[attack].run(payload, Budget(iterations=200, seed=seed, time_limit_s=120))
     s = score(denormalize(res.images, data.mean, data.std).numpy(), denormalize(x, data.mean, data.std).numpy(),
               res.labels.numpy(), y.numpy())

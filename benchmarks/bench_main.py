@@ -22,10 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attacker import ATTACKS, AttackPayload, Budget  # noqa: E402
+from attacker import ATTACKS, Budget  # noqa: E402
 from attacker.metrics import psnr  # noqa: E402
 from clients.client_app import client_seed  # noqa: E402
 from clients.training import batch_schedule  # noqa: E402
+from fl_sim.audit import fedsgd_payload  # noqa: E402
 from fl_sim.config import resolve  # noqa: E402
 from fl_sim.data import denormalize, load_dataset, partitions, to_tensor  # noqa: E402
 from fl_sim.models import build_model, evaluate  # noqa: E402
@@ -95,15 +96,9 @@ def time_to_psnr(attack: str, model: str, target_db: float = 30.0, max_iters: in
     the first run that reaches the target, its step count, and its PSNR.
     """
     data = load_dataset("fashion-mnist")
-    torch.manual_seed(0)
-    net = build_model(model, data.input_shape, data.num_classes)
     x = to_tensor(data.x_train[[3]], data.mean, data.std)
     y = torch.as_tensor(data.y_train[[3]])
-    grads = torch.autograd.grad(torch.nn.functional.cross_entropy(net(x), y), list(net.parameters()))
-    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    update = {n: -0.15 * g for (n, _), g in zip(net.named_parameters(), grads)}
-    payload = AttackPayload(model, data.input_shape, data.num_classes, data.mean, data.std, state, update, 1,
-                            {"mode": "fedsgd", "lr": 0.15, "batch-size": 1})
+    payload, _, _ = fedsgd_payload(model, x, y, data.mean, data.std, data.num_classes, lr=0.15, seed=0)
     truth = denormalize(x, data.mean, data.std)[0].numpy()
     best = (float("nan"), max_iters, 0.0)
     for k in range(1, max_iters + 1):

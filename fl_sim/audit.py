@@ -24,6 +24,43 @@ from fl_sim.config import ConfigError, check_attack_options
 from fl_sim.data import DATASET_SHAPES, DATASET_STATS, Dataset
 
 
+def fedsgd_payload(model_name: str, x: torch.Tensor, y: torch.Tensor, mean: tuple[float, ...],
+                   std: tuple[float, ...], num_classes: int = 10, lr: float = 0.1,
+                   seed: int = 0) -> tuple[Any, torch.nn.Module, list[torch.Tensor]]:
+    """The payload a curious server holds after one plain FedSGD step of a fresh model on ``(x, y)``.
+
+    A lightweight reference construction (no defense, no Flower) for tests and benchmarks; :func:`run_audit` is the
+    full client path.
+
+    Args:
+        model_name: registry name; the model is built after ``torch.manual_seed(seed)``.
+        x: normalised ``float32 (B, C, H, W)`` images.
+        y: ``int64 (B,)`` labels.
+        mean, std: the dataset's public normalisation.
+        num_classes: model outputs.
+        lr: the client learning rate (the update is ``-lr · ∇``).
+        seed: seed of the model's initialisation.
+
+    Returns:
+        ``(payload, model, grads)``: the :class:`~attacker.payload.AttackPayload`, the model at the global state,
+        and the true gradients (detached, in ``model.parameters()`` order).
+    """
+    import torch.nn.functional as F
+
+    from attacker.payload import AttackPayload
+    from fl_sim.models import build_model
+
+    torch.manual_seed(seed)
+    shape = tuple(x.shape[1:])
+    model = build_model(model_name, shape, num_classes)
+    grads = [g.detach() for g in torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))]
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    update = {n: -lr * g for (n, _), g in zip(model.named_parameters(), grads)}
+    payload = AttackPayload(model_name, shape, num_classes, mean, std, state, update, len(x),
+                            {"mode": "fedsgd", "lr": lr, "batch-size": len(x)})
+    return payload, model, grads
+
+
 def load_images(paths: Sequence[str | Path], input_shape: tuple[int, int, int]) -> np.ndarray:
     """Read image files and resize them to ``input_shape`` ``(C, H, W)``.
 

@@ -10,28 +10,21 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from attacker import ATTACKS, AttackOptions, AttackPayload, Budget, matching
+from attacker import ATTACKS, AttackOptions, Budget, matching
 from attacker.metrics import score
 from attacker.options import parse_layer_weights
 from fl_sim.config import ConfigError, check_feasible, resolve
+from fl_sim.audit import fedsgd_payload as reference_payload
 from fl_sim.data import denormalize, to_tensor
-from fl_sim.models import build_model
 
 LR = 0.1
 
 
 def fedsgd_payload(ds, idx, model_name="lenet", seed=1):
-    torch.manual_seed(seed)
-    model = build_model(model_name, ds.input_shape, ds.num_classes)
     x = to_tensor(ds.x_train[idx], ds.mean, ds.std)
     y = torch.as_tensor(ds.y_train[idx])
-    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    update = {n: -LR * g for (n, _), g in zip(model.named_parameters(), grads)}
-    payload = AttackPayload(model_name, ds.input_shape, ds.num_classes, ds.mean, ds.std, state, update, len(idx),
-                            {"mode": "fedsgd", "lr": LR, "batch-size": len(idx)})
+    payload, _, _ = reference_payload(model_name, x, y, ds.mean, ds.std, ds.num_classes, LR, seed)
     return payload, x, y
 
 

@@ -9,26 +9,19 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from attacker import ATTACKS, AttackPayload, Budget, update_to_gradient
+from attacker import ATTACKS, Budget, update_to_gradient
 from attacker.labels import batch_labels, classifier_gradients, idlg_label
 from attacker.metrics import score
+from fl_sim.audit import fedsgd_payload
 from fl_sim.data import denormalize, to_tensor
-from fl_sim.models import build_model
 
 
 def make_payload(model_name, ds, idx, lr=0.1, seed=0):
     """The payload a server would hold after one FedSGD step of a client on samples ``idx``."""
-    torch.manual_seed(seed)
-    model = build_model(model_name, ds.input_shape, ds.num_classes)
     x = to_tensor(ds.x_train[idx], ds.mean, ds.std)
     y = torch.as_tensor(ds.y_train[idx])
-    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    update = {n: -lr * g for (n, _), g in zip(model.named_parameters(), grads)}
-    payload = AttackPayload(model_name, ds.input_shape, ds.num_classes, ds.mean, ds.std, state, update, len(idx),
-                            {"mode": "fedsgd", "lr": lr, "batch-size": len(idx)})
+    payload, _, _ = fedsgd_payload(model_name, x, y, ds.mean, ds.std, ds.num_classes, lr, seed)
     return payload, x, y
 
 

@@ -8,25 +8,19 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from attacker import ATTACKS, AttackPayload, Budget
+from attacker import ATTACKS, Budget
 from attacker.metrics import score
 from attacker.rgap import network_layers, rank_analysis
+from fl_sim.audit import fedsgd_payload
 from fl_sim.cli import cli
 from fl_sim.data import DATASET_STATS, denormalize, to_tensor
 from fl_sim.models import build_model
 
 
 def payload_for(model_name, x, y, mean, std, seed=0, lr=0.1):
-    torch.manual_seed(seed)
-    model = build_model(model_name, tuple(x.shape[1:]), 10)
-    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    update = {n: -lr * g for (n, _), g in zip(model.named_parameters(), grads)}
-    return AttackPayload(model_name, tuple(x.shape[1:]), 10, mean, std, state, update, len(x),
-                         {"mode": "fedsgd", "lr": lr, "batch-size": len(x)})
+    return fedsgd_payload(model_name, x, y, mean, std, 10, lr, seed)[0]
 
 
 def _score(result, x, y, mean, std):

@@ -4,7 +4,6 @@ choice, DP noise state, raw data)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict

@@ -80,8 +80,8 @@ def reply_poll_s(grid: Grid) -> float:
     """Seconds between reply pulls: 0.05 in simulation (an in-memory lookup), 0.25 against a SuperLink.
 
     Flower's deployment Grid sleeps 3 s between pulls. Measured with 2 SuperNodes on the 2-core development
-    machine, pulling every 0.1 s instead cut a round from 9.9 s to 6.6 s (``benchmarks/bench_deploy.py``); polling
-    much faster only burns CPU on the SuperLink.
+    machine, pulling every 0.1–0.25 s instead cut a round from 9.9 s to 6.6–7.7 s (``benchmarks/bench_deploy.py``,
+    docs/deployment.md); polling much faster only burns CPU on the SuperLink.
     """
     from flwr.superlink.grid import InMemoryGrid
 

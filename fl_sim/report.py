@@ -504,8 +504,10 @@ def sweep_figures(cells: list[dict[str, Any]], settings: dict[str, Any], sweep_d
                     ax.set_title(f"{marker_name} = {mlabel}", fontsize=9)
         title = (f"reconstructions (rows: {line_name}" + (f", columns: {marker_name}" if marker_name else "") + ")"
                  + (f" — {' · '.join(g)}" if g else ""))
-        fig.suptitle("\n".join(textwrap.wrap(title, width=int(width * 11))), fontsize=10)
-        fig.tight_layout()
+        lines = textwrap.wrap(title, width=int(width * 11))
+        fig.suptitle("\n".join(lines), fontsize=10)
+        # keep the suptitle clear of the column titles: reserve its lines at the top (inches / figure height)
+        fig.tight_layout(rect=(0, 0, 1, 1 - (0.2 * len(lines) + 0.15) / fig.get_figheight()))
         path = sweep_dir / f"montage{suffix(g)}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)

@@ -2,8 +2,8 @@
 
 For batch sizes B = 1, 2, 4, 8 this prints the mean PSNR / SSIM / label accuracy of iDLG and DLG (L-BFGS, 200 steps,
 the defaults of ``fl-sim run``) on a round-1 FedSGD update of the default model (tanh LeNet, Fashion-MNIST), over
-three seeds (different images and initial models). Larger batches train better under FedSGD but leak far less to
-DLG-family attacks; the README's table comes from this script.
+three seeds (different images and initial models). Larger batches leak far less to DLG-family attacks; the
+README's table comes from this script.
 
 Usage::
 

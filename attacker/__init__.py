@@ -1,23 +1,30 @@
 """Gradient-inversion attacks run by the honest-but-curious server.
 
-Each attack is a function ``(AttackPayload, Budget, AttackOptions | None) -> AttackResult`` registered in
-:data:`ATTACKS` with the capabilities it needs (:class:`ThreatModel`). ``Budget`` says how much work (iterations,
-restarts, time limit, progress callback); ``AttackOptions`` says what is optimised (the adaptive knobs: ignored or
-weighted layers, mask inference, clipping replication; image prior weights; the label method). Attacks see only
-:class:`AttackPayload` — what a curious server holds — and nothing from ``clients/``; scoring against the truth
-happens outside this package (``fl_sim.evaluator``).
-A new attack is one module plus one line below.
+Each attack is a function ``(AttackPayload, Budget, AttackOptions) -> AttackResult`` registered in :data:`ATTACKS`
+as an :class:`Attack`: the capabilities it needs (:class:`ThreatModel`; the server cuts the payload to them), its
+own keys if any, and a check run before a federation starts. ``Budget`` says how much work (iterations, restarts,
+time limit, progress callback); ``AttackOptions`` says what is optimised (the adaptive knobs shared by every
+attack). Attacks see only the :class:`AttackPayload` — what a curious server holds, cut to what they declare — and
+import nothing from ``clients/``; scoring against the truth happens in the server harness
+(``strategies.evaluator``). A new attack is one module plus one ``ATTACKS.register`` line below.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from torch import nn
+
 from attacker import dlg, ig, rgap
+from attacker import options as attack_options
 from attacker.options import AttackOptions
-from attacker.payload import AttackPayload, AttackResult, Budget, ThreatModel, update_to_gradient
+from attacker.payload import (SERVER_CONFIG, AttackPayload, AttackResult, Budget, DefenseInfo, ThreatModel,
+                              ThreatModelError, update_to_gradient)
+from fl_sim.task.config import TaskConfig
+from fl_sim.task.keys import Key, merge, read
+from fl_sim.task.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -25,29 +32,68 @@ class Attack:
     """A registered attack.
 
     Attributes:
-        run: ``(payload, budget, options=None) -> AttackResult``.
-        threat: what it needs beyond the payload.
-        summary: one line for ``fl-sim attacks`` and reports.
-        check: optional ``(model, cfg) -> None`` raising ``ValueError`` when the attack cannot run with this model
-            and run config (called before a run starts, so the error is a one-line ConfigError, not a crash).
+        run: ``(payload, budget, options) -> AttackResult``.
+        threat: what it needs beyond the global model and the update; the server gives it nothing else.
+        summary: one line for ``fl-sim attacks`` and reports (paper and year).
+        check: optional ``(model, task) -> None`` raising ``ValueError`` when the attack cannot run with this
+            model and task (called before a run starts, so the error is a one-line ConfigError, not a crash).
+        keys: run-config keys the attack owns besides the shared :data:`attacker.options.KEYS`.
     """
 
     run: Callable[[AttackPayload, Budget, AttackOptions | None], AttackResult]
     threat: ThreatModel
     summary: str
-    check: Callable[[Any, Mapping[str, Any]], None] | None = None
+    check: Callable[[nn.Module, TaskConfig], None] | None = None
+    keys: Mapping[str, Key] = field(default_factory=dict)
+
+    def threat_for(self, options: AttackOptions) -> ThreatModel:
+        """The threat model of this attack with these options (denoising needs the defense's public parameters)."""
+        return replace(self.threat, defense_params=True) if options.denoise != "none" else self.threat
 
 
-#: Attack registry: name → :class:`Attack`.
-ATTACKS: dict[str, Attack] = {
-    "dlg": Attack(dlg.dlg, ThreatModel(), "DLG (Zhu et al. 2019): joint image + soft-label L2 matching, L-BFGS"),
-    "idlg": Attack(dlg.idlg, ThreatModel(), "iDLG (Zhao et al. 2020): analytic label, then L2 matching, L-BFGS"),
-    "ig": Attack(ig.ig, ThreatModel(), "Inverting Gradients (Geiping et al. 2020): cosine + TV, signed Adam, box"),
-    "rgap": Attack(rgap.rgap, ThreatModel(), "R-GAP (Zhu & Blaschko 2021): closed-form recursive inversion, "
-                                             "conv/FC nets without pooling", rgap.check),
-    "ig-fedavg": Attack(ig.ig_fedavg, ThreatModel(local_hyperparams=True),
-                        "Inverting Gradients on multi-step updates: unrolls the K local SGD steps the server set",
-                        ig.check_fedavg),
+#: Attack registry.
+ATTACKS: Registry[Attack] = Registry("attack")
+ATTACKS.register("dlg", Attack(dlg.dlg, SERVER_CONFIG,
+                               "DLG (Zhu et al. 2019): joint image + soft-label L2 matching, L-BFGS"))
+ATTACKS.register("idlg", Attack(dlg.idlg, SERVER_CONFIG,
+                                "iDLG (Zhao et al. 2020): analytic label, then L2 matching, L-BFGS"))
+ATTACKS.register("ig", Attack(ig.ig, SERVER_CONFIG,
+                              "Inverting Gradients (Geiping et al. 2020): cosine + TV, signed Adam, box"))
+ATTACKS.register("rgap", Attack(rgap.rgap, SERVER_CONFIG, "R-GAP (Zhu & Blaschko 2021): closed-form recursive "
+                                                          "inversion, conv/FC nets without pooling", rgap.check))
+ATTACKS.register("ig-fedavg", Attack(ig.ig_fedavg, SERVER_CONFIG, "Inverting Gradients on multi-step updates: "
+                                                                  "unrolls the K local SGD steps the server set",
+                                     ig.check_fedavg))
+
+#: The key that chooses the attack, and the keys of its :class:`Budget`.
+ATTACK_KEY = {"attack": Key("idlg", "gradient-inversion attack the server runs", choices=lambda: list(ATTACKS))}
+BUDGET_KEYS = {
+    "attack-iterations": Key(0, "optimizer iterations per attack (0 = the attack's default)", low=0),
+    "attack-restarts": Key(1, "random restarts per attack; the best objective is kept", low=1),
+    "attack-time-limit": Key(120.0, "seconds per attack before it stops with its best result (0 = none)", low=0),
 }
 
-__all__ = ["ATTACKS", "Attack", "AttackOptions", "AttackPayload", "AttackResult", "Budget", "ThreatModel", "update_to_gradient"]
+
+def attack_keys() -> dict[str, Key]:
+    """``attack``, the budget keys, the shared option keys and every registered attack's own keys.
+
+    Raises:
+        ValueError: two attacks declare one key differently.
+    """
+    return merge(ATTACK_KEY, BUDGET_KEYS, attack_options.KEYS, *(a.keys for a in ATTACKS.values()))
+
+
+def budget_from(cfg: Mapping[str, Any], seed: int) -> Budget:
+    """The :class:`Budget` the ``attack-iterations/-restarts/-time-limit`` keys of ``cfg`` set, with ``seed``.
+
+    Raises:
+        ConfigError: a value its key does not allow.
+    """
+    v = read(BUDGET_KEYS, cfg)
+    return Budget(iterations=int(v["attack-iterations"]), restarts=int(v["attack-restarts"]),
+                  time_limit_s=float(v["attack-time-limit"]), seed=int(seed))
+
+
+__all__ = ["ATTACKS", "ATTACK_KEY", "Attack", "AttackOptions", "AttackPayload", "AttackResult", "BUDGET_KEYS",
+           "Budget", "DefenseInfo", "ThreatModel", "ThreatModelError", "attack_keys", "budget_from",
+           "update_to_gradient"]

@@ -34,8 +34,7 @@ import itertools
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +45,7 @@ from attacker import matching
 from attacker.labels import recover_labels
 from attacker.options import AttackOptions
 from attacker.payload import AttackPayload, AttackResult, Budget
+from fl_sim.task.config import TaskConfig
 
 DEFAULT_ITERATIONS = 2000
 #: Default TV weight α (images in normalised space). The paper's notebooks use 1e-6 … 1e-4 for CIFAR and 1e-1 for
@@ -154,7 +154,7 @@ def step_plan(payload: AttackPayload) -> tuple[int, int, list[list[int]]]:
         ValueError: more than :data:`MAX_IMAGES` distinct images would be needed.
     """
     b, k, n = payload.batch_size, payload.local_steps, int(payload.num_examples)
-    num = min(n, k * b) if payload.train_config.get("mode", "fedsgd") == "fedavg" else b
+    num = min(n, k * b) if payload.train_config.mode == "fedavg" else b
     if num > MAX_IMAGES:
         raise ValueError(f"ig-fedavg would reconstruct {num} images (local steps {k} × batch {b}, "
                          f"num-examples {n}); at most {MAX_IMAGES} are supported — use local-steps")
@@ -212,7 +212,7 @@ def _unrolled(payload: AttackPayload, budget: Budget, options: AttackOptions | N
         target.clip = 0.0  # the per-step clip happens inside the unrolled steps
     num, _b, steps = step_plan(payload)
     recovered = recover_labels(model, target.grads, num, options.labels, payload.input_shape).tolist()
-    lr = float(payload.train_config["lr"])
+    lr = float(payload.train_config.lr)
     k = len(steps)
     names = target.names
     theta0 = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
@@ -262,15 +262,15 @@ def _unrolled(payload: AttackPayload, budget: Budget, options: AttackOptions | N
                         {"local_steps": k, "pilot_iterations": total})
 
 
-def check_fedavg(model: nn.Module, cfg: Mapping[str, Any]) -> None:
+def check_fedavg(model: nn.Module, task: TaskConfig) -> None:
     """Raise ``ValueError`` when ``ig-fedavg`` would need more than :data:`MAX_IMAGES` images under ``cfg``.
 
     In ``fedavg`` mode with ``local-steps = 0`` the client walks its whole partition, so the images to reconstruct
     are the partition; a run should set ``local-steps`` (K) so that ``K × batch-size <= MAX_IMAGES``.
     """
-    if str(cfg.get("mode", "fedsgd")) != "fedavg":
+    if task.mode != "fedavg":
         return
-    k, b = int(cfg.get("local-steps", 0)), int(cfg.get("batch-size", 1))
+    k, b = task.local_steps, task.batch_size
     if k == 0:
         raise ValueError(f"ig-fedavg needs local-steps > 0 (with local-steps=0 the client uses its whole partition, "
                          f"more than the {MAX_IMAGES} images the attack reconstructs)")

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fl_sim.models import classifier_layer
+from fl_sim.task.models import classifier_layer
 
 
 def classifier_gradients(model: nn.Module, grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -123,8 +123,6 @@ def _dummy_statistics(model: nn.Module, input_shape: tuple[int, ...], n: int = 3
                       seed: int = 0) -> tuple[torch.Tensor, float]:
     """Mean softmax ``(C,)`` and mean feature sum (input of the last linear layer) of ``model`` on ``n`` N(0, 1)
     dummy inputs of shape ``input_shape``."""
-    from fl_sim.models import classifier_layer
-
     fc = classifier_layer(model)
     device = next(model.parameters()).device
     feats: list[torch.Tensor] = []

@@ -11,7 +11,9 @@ evaluation, whatever the number of layers:
   trial and observed gradients scaled by ``√w_l`` (so the per-layer weights multiply both the product and the
   norms, as in Inverting Gradients; Geiping et al. 2020, ``inversefed/reconstruction_algorithms.py``).
 
-Layers in the payload's ``ignored_keys`` (e.g. FedKL lock layers that carry nothing) are always left out.
+With ``skip_private`` (the default), the layers the server knows carry nothing (FedKL's key-lock layers, sent as
+zeros) are left out; with ``denoise="mp"`` the observed gradient is Marchenko–Pastur-filtered first
+(:mod:`attacker.denoise`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from attacker.denoise import denoise_gradients
 from attacker.options import AttackOptions
 from attacker.payload import AttackPayload
+from fl_sim.task.models import private_state_keys
 
 
 @dataclass
@@ -96,14 +100,16 @@ def prepare(payload: AttackPayload, model: nn.Module, options: AttackOptions | N
     names = payload.parameter_names(model)
     params = list(model.parameters())
     grads = [g.detach() for g in payload.gradients(model)]
+    if options.denoise == "mp":
+        grads = denoise_gradients(payload, grads)
     weights = options.weights_for(model)
-    ignored = set(payload.ignored_keys)
+    ignored = set(private_state_keys(model)) if options.skip_private else set()
     w = [0.0 if n in ignored else weights[n] for n in names]
     if not any(x > 0 for x in w):
         raise ValueError("every layer is left out of the matching loss; nothing to match")
     clip = 0.0
     if options.clip_bound > 0:
-        lr = float(payload.train_config.get("lr", 1.0))
+        lr = float(payload.train_config.lr)
         clip = options.clip_bound if options.clip_scope == "gradient" else options.clip_bound / (
             lr * payload.local_steps)
     needed = list(range(len(params))) if clip > 0 else [i for i, x in enumerate(w) if x > 0]

@@ -13,6 +13,12 @@ attacker who knows which defense a client runs adapts to it (see ``shared/refere
 * **clipping replication** — with a known bound C the trial gradient is clipped the same way,
   ``g ← g · min(1, C / ‖g‖₂)`` over all parameters (GGL's adaptive attack re-clips its trial gradients).
 
+* **denoising** — ``denoise="mp"`` Marchenko–Pastur-filters the single observed update before matching (with the
+  noise variance the defense's public parameters imply), the server's GradDefense compensation applied by an
+  attacker to one update (:mod:`attacker.denoise`); it makes the attack declare ``defense_params``.
+* **private layers** — ``skip_private`` (default) leaves out the parameters the server knows carry nothing (FedKL's
+  key-lock layers, sent as zeros; :func:`fl_sim.task.models.private_state_keys`).
+
 Layer patterns are :mod:`fnmatch` patterns on parameter names (``model.named_parameters()``); a pattern without
 wildcards that names a module covers all of its parameters (``fc`` → ``fc.weight``, ``fc.bias``), and the word
 ``classifier`` names the model's last fully-connected layer whatever it is called.
@@ -27,8 +33,41 @@ from typing import Any
 
 from torch import nn
 
+from attacker.labels import LABEL_METHODS
+from fl_sim.task.keys import ConfigError, Key, read
+from fl_sim.task.models import classifier_layer
+
 #: Where a clipping bound applies: each local step's gradient, or the weight update the client sends.
 CLIP_SCOPES = ("gradient", "update")
+#: Denoising of the observed update before matching.
+DENOISERS = ("none", "mp")
+
+
+#: The keys of :class:`AttackOptions` (shared by every attack).
+KEYS: dict[str, Key] = {
+    "attack-ignore-layers": Key("", "parameter-name patterns left out of the matching loss, comma-separated "
+                                    "(fnmatch; a module name covers its parameters; 'classifier' = the last linear "
+                                    "layer); 'fc' is the PLD-muted attack"),
+    "attack-layer-weights": Key("", "per-layer weights in the matching loss, 'PATTERN:WEIGHT,...' (same patterns; "
+                                    "other layers weigh 1)"),
+    "attack-infer-mask": Key(False, "infer a pruning mask from the exact zeros of the observed update and apply it to "
+                                    "the trial gradient"),
+    "attack-clip-bound": Key(0.0, "replicate a known clipping bound C on the trial gradient, g·min(1, C/||g||) "
+                                  "(0 = off)", low=0),
+    "attack-clip-scope": Key("gradient", "what the clipping bound applied to: each local step's gradient or the "
+                                         "weight update", choices=CLIP_SCOPES),
+    "attack-tv": Key(-1.0, "total-variation weight of attacks with an image prior (ig, ig-fedavg; negative = the "
+                           "attack's default)", low=-1),
+    "attack-init-std": Key(-1.0, "std of the Gaussian initialisation of the dummy images in normalised space "
+                                 "(negative = the attack's default: dlg/idlg 0.1, ig 1)", low=-1),
+    "attack-labels": Key("auto", "label recovery for batches of B > 1 (B = 1 always uses iDLG's exact rule)",
+                         choices=lambda: list(LABEL_METHODS)),
+    "attack-skip-private": Key(True, "leave the layers the server knows carry nothing (FedKL's key-lock layers, sent "
+                                     "as zeros) out of the matching loss"),
+    "attack-denoise": Key("none", "denoise the observed update before matching: mp = Marchenko-Pastur filtering "
+                                  "with the noise variance the defense's public parameters imply (GradDefense)",
+                          choices=DENOISERS),
+}
 
 
 @dataclass(frozen=True)
@@ -49,6 +88,8 @@ class AttackOptions:
         init_std: standard deviation of the Gaussian initialisation of the dummy images, in normalised space
             (``None`` = the attack's default; the original DLG/iDLG/IG scripts use 1).
         labels: label-recovery method for B > 1 (a key of :data:`attacker.labels.LABEL_METHODS`).
+        skip_private: leave out the parameters :func:`fl_sim.task.models.private_state_keys` names.
+        denoise: ``"none"`` or ``"mp"`` (see the module docstring).
     """
 
     ignore_layers: tuple[str, ...] = ()
@@ -59,10 +100,14 @@ class AttackOptions:
     tv: float | None = None
     init_std: float | None = None
     labels: str = "auto"
+    skip_private: bool = True
+    denoise: str = "none"
 
     def __post_init__(self) -> None:
         if self.clip_scope not in CLIP_SCOPES:
             raise ValueError(f"clip_scope={self.clip_scope!r}; allowed: {', '.join(CLIP_SCOPES)}")
+        if self.denoise not in DENOISERS:
+            raise ValueError(f"denoise={self.denoise!r}; allowed: {', '.join(DENOISERS)}")
         if self.clip_bound < 0:
             raise ValueError(f"clip_bound={self.clip_bound} must be >= 0")
         for pat, w in self.layer_weights:
@@ -71,29 +116,23 @@ class AttackOptions:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> AttackOptions:
-        """Options from a resolved run config (the ``attack-*`` keys; missing keys keep their defaults).
+        """Options from a run config (the ``attack-*`` keys of :data:`KEYS`; missing keys keep their defaults).
 
         Raises:
-            ValueError: a malformed ``attack-layer-weights`` or ``attack-ignore-layers`` string.
+            ConfigError: a bad value, or a malformed ``attack-layer-weights`` string.
         """
-        kw: dict[str, Any] = {}
-        if "attack-ignore-layers" in cfg:
-            kw["ignore_layers"] = parse_patterns(str(cfg["attack-ignore-layers"]))
-        if "attack-layer-weights" in cfg:
-            kw["layer_weights"] = parse_layer_weights(str(cfg["attack-layer-weights"]))
-        if "attack-infer-mask" in cfg:
-            kw["infer_mask"] = bool(cfg["attack-infer-mask"])
-        if "attack-clip-bound" in cfg:
-            kw["clip_bound"] = float(cfg["attack-clip-bound"])
-        if "attack-clip-scope" in cfg:
-            kw["clip_scope"] = str(cfg["attack-clip-scope"])
-        if "attack-tv" in cfg and float(cfg["attack-tv"]) >= 0:
-            kw["tv"] = float(cfg["attack-tv"])
-        if "attack-init-std" in cfg and float(cfg["attack-init-std"]) >= 0:
-            kw["init_std"] = float(cfg["attack-init-std"])
-        if "attack-labels" in cfg:
-            kw["labels"] = str(cfg["attack-labels"])
-        return cls(**kw)
+        v = read(KEYS, cfg)
+        try:
+            weights = parse_layer_weights(str(v["attack-layer-weights"]))
+        except ValueError as exc:
+            raise ConfigError(f"attack-layer-weights={v['attack-layer-weights']!r} is not allowed: {exc}") from exc
+        return cls(ignore_layers=parse_patterns(str(v["attack-ignore-layers"])), layer_weights=weights,
+                   infer_mask=bool(v["attack-infer-mask"]), clip_bound=float(v["attack-clip-bound"]),
+                   clip_scope=str(v["attack-clip-scope"]),
+                   tv=float(v["attack-tv"]) if float(v["attack-tv"]) >= 0 else None,
+                   init_std=float(v["attack-init-std"]) if float(v["attack-init-std"]) >= 0 else None,
+                   labels=str(v["attack-labels"]), skip_private=bool(v["attack-skip-private"]),
+                   denoise=str(v["attack-denoise"]))
 
     def weights_for(self, model: nn.Module) -> dict[str, float]:
         """The weight of every trainable parameter of ``model`` in the matching loss (0 = left out).
@@ -114,8 +153,6 @@ class AttackOptions:
 
 def _matching(model: nn.Module, names: list[str], pattern: str) -> list[str]:
     if pattern == "classifier":
-        from fl_sim.models import classifier_layer
-
         fc = classifier_layer(model)
         ids = {id(p) for p in fc.parameters()}
         hits = [n for n, p in model.named_parameters() if id(p) in ids]

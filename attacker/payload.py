@@ -1,60 +1,94 @@
-"""What an honest-but-curious server holds about one client update, and what an attack returns.
+"""What an honest-but-curious server holds about one client update, what an attack may see of it, and what an
+attack returns.
 
 The seam between the federation and the attacks (in the spirit of breaching's ``server_payload``/``shared_data``):
-an attack consumes an :class:`AttackPayload` and nothing else. The payload is built by the server strategy from the
-global arrays it sent, the arrays the client returned, the client's ``num-examples`` and the train config the server
-itself sent. It never holds labels, sample indices or anything else from the client's private state.
+an attack consumes an :class:`AttackPayload` and nothing else. The server strategy builds the full payload from
+what it holds — the global model it sent, the arrays the client returned, the client's ``num-examples``, the train
+config it sent — and then cuts it to the attack's declared :class:`ThreatModel` (:meth:`AttackPayload.cut`): an
+attack that declares nothing gets the model architecture, the global model and the update of the trainable
+parameters, and every other field is ``None``. A payload never holds labels, sample indices or anything else from
+a client's private state.
 
 :func:`update_to_gradient` is the one place where a weight update is turned into a gradient.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from fl_sim.models import build_model
+from fl_sim.task.contract import TrainConfig
+from fl_sim.task.models import build_model
+
+
+class ThreatModelError(Exception):
+    """An attack used a payload field its :class:`ThreatModel` does not grant (a bug in the attack)."""
 
 
 @dataclass(frozen=True)
 class ThreatModel:
-    """What an attack needs beyond the payload's always-present fields (LeakPro-style capability flags).
+    """What an attack may see beyond the global model and the update (LeakPro-style capability flags).
+
+    Everything here is something a curious server holds; an attack declares what it uses and receives only that.
 
     Attributes:
-        labels: the true labels of the batch (an oracle; no attack in fl-sim's registry sets it by default).
-        local_hyperparams: the local learning rate, number of steps and batch size. The server sent them, so a
-            curious server has them; attacks that unroll local training declare it.
-        bn_statistics: the batch-norm statistics of the client's batch (not shared in fl-sim's protocol).
+        num_examples: the ``num-examples`` the client reported (its FedAvg weight; the batch size under FedSGD).
+        local_hyperparams: the train config the server sent (learning rate, batch size, local steps or epochs,
+            mode). Needed to turn an update into a gradient at the right scale and to unroll local training.
+        bn_statistics: the client's returned buffers (BatchNorm running statistics): when buffers travel with the
+            update they reveal the batch statistics of the client's local steps.
+        defense_params: the public parameters of the client's defense (e.g. GradDefense's σ, S, M), as the run
+            config states them; never its secrets.
     """
 
-    labels: bool = False
+    num_examples: bool = False
     local_hyperparams: bool = False
     bn_statistics: bool = False
+    defense_params: bool = False
+
+    def granted(self) -> list[str]:
+        """The names of the capabilities granted, e.g. ``["num-examples", "local-hyperparams"]``."""
+        return [k.replace("_", "-") for k, v in vars(self).items() if v]
 
 
-@dataclass
-class AttackPayload:
-    """Server-visible data about one client update.
+#: The threat model of the matching attacks in fl-sim's registry: the update's size and the train config sent.
+SERVER_CONFIG = ThreatModel(num_examples=True, local_hyperparams=True)
+
+
+@dataclass(frozen=True)
+class DefenseInfo:
+    """The public side of a client's defense, as the run config states it.
 
     Attributes:
+        name: the ``defense`` key.
+        params: its parameter object (public parameters only; the defense's secrets never leave the client).
+    """
+
+    name: str
+    params: Any = None
+
+
+@dataclass(frozen=True)
+class AttackPayload:
+    """Server-visible data about one client update, cut to what an attack declared.
+
+    Always present:
         model_name: registry name of the global model's architecture (the server chose it).
         input_shape: ``(C, H, W)`` of one input.
         num_classes: number of classes.
-        mean: public per-channel normalisation mean of the dataset (in [0, 1] pixel units).
-        std: public per-channel normalisation standard deviation.
-        global_state: the state dict the server sent (parameters and buffers), ``float32`` tensors on CPU.
-        update: ``client_state - global_state`` for every key of the reply's ArrayRecord (same shapes).
+        mean, std: public per-channel normalisation of the dataset (in [0, 1] pixel units).
+        global_state: the state dict the server sent (parameters and buffers), ``float32`` CPU tensors.
+        update: ``client − global`` for every *trainable parameter* the reply carries (same shapes).
+
+    Granted by the :class:`ThreatModel` (``None`` otherwise):
         num_examples: the ``num-examples`` the client reported.
-        train_config: the train config the server sent this round (``mode``, ``lr``, ``batch-size``,
-            ``local-steps``, ``local-epochs``, ``server-round``...).
-        round: the server round.
-        client: the client's identity as the server knows it (its partition id in fl-sim).
-        ignored_keys: state keys the server knows carry no information (e.g. FedKL lock layers sent as zeros).
+        train_config: the train config the server sent this round.
+        buffers: the buffers the client returned (e.g. BatchNorm running mean/var after its local steps).
+        defense: the public parameters of the client's defense.
     """
 
     model_name: str
@@ -64,29 +98,48 @@ class AttackPayload:
     std: tuple[float, ...]
     global_state: dict[str, torch.Tensor]
     update: dict[str, torch.Tensor]
-    num_examples: int
-    train_config: dict[str, Any]
-    round: int = 0
-    client: str = ""
-    ignored_keys: tuple[str, ...] = ()
+    num_examples: int | None = None
+    train_config: TrainConfig | None = None
+    buffers: dict[str, torch.Tensor] | None = None
+    defense: DefenseInfo | None = None
+
+    def cut(self, threat: ThreatModel) -> AttackPayload:
+        """This payload with every field ``threat`` does not grant set to ``None`` (the tensors are copied)."""
+        return replace(
+            self,
+            global_state={k: v.clone() for k, v in self.global_state.items()},
+            update={k: v.clone() for k, v in self.update.items()},
+            num_examples=self.num_examples if threat.num_examples else None,
+            train_config=self.train_config if threat.local_hyperparams else None,
+            buffers={k: v.clone() for k, v in self.buffers.items()} if threat.bn_statistics and self.buffers else None,
+            defense=self.defense if threat.defense_params else None,
+        )
+
+    def _need(self, value: Any, what: str) -> Any:
+        if value is None:
+            raise ThreatModelError(f"this attack uses {what}, which its ThreatModel does not grant")
+        return value
 
     @property
     def batch_size(self) -> int:
-        """Images per local step: the ``batch-size`` the server sent, capped by ``num-examples``."""
-        return max(1, min(int(self.train_config.get("batch-size", self.num_examples)), int(self.num_examples)))
+        """Images per local step: the ``batch-size`` the server sent, capped by ``num-examples``.
+
+        Raises:
+            ThreatModelError: ``local_hyperparams`` or ``num_examples`` not granted.
+        """
+        tc = self._need(self.train_config, "the train config (local_hyperparams)")
+        n = self._need(self.num_examples, "num-examples (num_examples)")
+        return max(1, min(int(tc.batch_size), int(n)))
 
     @property
     def local_steps(self) -> int:
-        """Number of local SGD steps behind the update, from the server's own train config.
+        """Number of local SGD steps behind the update (:meth:`TrainConfig.steps`).
 
-        ``fedsgd``: 1. ``fedavg``: ``local-steps`` when positive, else ``local-epochs × ⌈num-examples / B⌉``.
+        Raises:
+            ThreatModelError: ``local_hyperparams`` or ``num_examples`` not granted.
         """
-        cfg = self.train_config
-        if cfg.get("mode", "fedsgd") == "fedsgd":
-            return 1
-        if int(cfg.get("local-steps", 0)) > 0:
-            return int(cfg["local-steps"])
-        return int(cfg.get("local-epochs", 1)) * math.ceil(int(self.num_examples) / self.batch_size)
+        tc = self._need(self.train_config, "the train config (local_hyperparams)")
+        return tc.steps(self._need(self.num_examples, "num-examples (num_examples)"))
 
     def build_model(self, device: str | torch.device = "cpu") -> nn.Module:
         """The global model the client started from, in train mode (as the client ran it), on ``device``."""
@@ -102,11 +155,15 @@ class AttackPayload:
         """The observed update as an average gradient per parameter, in ``model.parameters()`` order.
 
         See :func:`update_to_gradient`.
+
+        Raises:
+            ThreatModelError: ``local_hyperparams`` or ``num_examples`` not granted.
         """
         names = self.parameter_names(model)
         device = next(model.parameters()).device
         upd = [self.update[n].to(device) for n in names]
-        return update_to_gradient(upd, float(self.train_config["lr"]), self.local_steps)
+        tc = self._need(self.train_config, "the train config (local_hyperparams)")
+        return update_to_gradient(upd, float(tc.lr), self.local_steps)
 
 
 def update_to_gradient(update: list[torch.Tensor], lr: float, steps: int) -> list[torch.Tensor]:
@@ -132,6 +189,16 @@ def update_to_gradient(update: list[torch.Tensor], lr: float, steps: int) -> lis
         raise ValueError(f"cannot convert an update to a gradient with lr={lr} and steps={steps}")
     scale = -1.0 / (lr * steps)
     return [u * scale for u in update]
+
+
+def split_update(global_state: Mapping[str, torch.Tensor], returned: Mapping[str, torch.Tensor],
+                 parameter_names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(update, buffers)`` of a reply: ``returned − global`` for the trainable parameters (as ``float32``), and
+    the returned values of every other key the server sent (buffers such as BatchNorm running statistics)."""
+    params = set(parameter_names)
+    update = {k: returned[k].float() - global_state[k].float() for k in global_state if k in returned and k in params}
+    buffers = {k: returned[k].clone() for k in global_state if k in returned and k not in params}
+    return update, buffers
 
 
 @dataclass

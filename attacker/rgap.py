@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -45,7 +43,9 @@ from torch import nn
 from attacker.labels import recover_labels
 from attacker.options import AttackOptions
 from attacker.payload import AttackPayload, AttackResult, Budget
-from fl_sim.models import classifier_layer
+from fl_sim.task.config import TaskConfig
+from fl_sim.task.datasets import DATASETS
+from fl_sim.task.models import classifier_layer
 
 # ---------------------------------------------------------------------------------------------------------------
 # Network structure
@@ -345,15 +345,10 @@ def _upstream(layer: Layer, delta: np.ndarray, x_shape: tuple[int, ...]) -> np.n
     return out.numpy()
 
 
-def check(model: nn.Module, cfg: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` when R-GAP cannot attack ``model`` under the run config ``cfg`` (before a run)."""
-    from fl_sim.data import DATASET_SHAPES
-
-    shape = DATASET_SHAPES[str(cfg["dataset"])][0] if str(cfg.get("dataset")) in DATASET_SHAPES else None
-    if shape is None:
-        return
-    layers = network_layers(model, shape)
-    if int(cfg.get("batch-size", 1)) > 1 and any(isinstance(l.module, nn.Conv2d) for l in layers):
+def check(model: nn.Module, task: TaskConfig) -> None:
+    """Raise ``ValueError`` when R-GAP cannot attack ``model`` under the task ``task`` (before a run)."""
+    layers = network_layers(model, DATASETS[task.dataset].input_shape)
+    if task.batch_size > 1 and any(isinstance(l.module, nn.Conv2d) for l in layers):
         raise ValueError("R-GAP recovers mini-batches for fully-connected nets only; use batch-size=1")
 
 

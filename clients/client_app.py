@@ -1,59 +1,53 @@
 """The Flower ClientApp: local training with a defense, and federated evaluation.
 
 Each SuperNode's ``node_config`` gives its ``partition-id`` and ``num-partitions``; the run config (identical on
-server and clients) gives the dataset, model, defense and seeds. A train reply carries exactly one ArrayRecord (the
-local model after training; defenses such as FedKL replace their secret tensors before it is built) and one
-MetricRecord (``num-examples``, ``train-loss``, ``train-time-s``, ``defense-time-s`` — the defense's hooks included —
-and whatever public diagnostics the defense reports, e.g. ``dp-epsilon``), plus two ConfigRecords:
-``meta`` (the partition id, i.e. the client's identity as the server knows it) and, when ``audit=true``, ``audit``
-(indices of the samples used) which the server hands only to the evaluator, never to the attacker. A
-``query.whoami`` message is answered with the node's ``partition-id`` and ``num-partitions`` (the server samples
-clients by partition id).
+server and clients) gives the dataset, model and defense. A train message is answered by the one client pipeline
+(:func:`clients.pipeline.client_update`) with the reply the message contract describes
+(:func:`fl_sim.task.contract.train_reply`): the defended model, the metrics, the partition id and, when
+``audit=true``, the audit-only record of the samples used. A ``query.whoami`` message is answered with the node's
+partition id and partition count (the server samples clients by partition id).
 """
 
 from __future__ import annotations
 
 import functools
-import time
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.defenses import DEFENSES
-from clients.training import local_train
-from fl_sim.config import resolve
-from fl_sim.data import iid_partition, load_dataset, partitions
-from fl_sim.models import build_model, evaluate
+from clients.config import ClientSpec
+from clients.pipeline import client_update, prepare_model
+from fl_sim.task import contract
+from fl_sim.task.contract import TrainConfig
+from fl_sim.task.datasets import load_dataset
+from fl_sim.task.models import evaluate
+from fl_sim.task.partition import eval_share, partitions
 
 app = ClientApp()
 
 
 @functools.lru_cache(maxsize=4)
-def _config(items: tuple) -> dict:
-    return resolve(dict(items))
+def _spec(items: tuple) -> ClientSpec:
+    return ClientSpec.from_config(dict(items))
 
 
-def _setup(context: Context) -> tuple[dict, int, int, torch.device]:
-    cfg = _config(tuple(sorted(context.run_config.items())))
-    pid = int(context.node_config["partition-id"])
-    nparts = int(context.node_config["num-partitions"])
-    torch.set_num_threads(max(1, int(float(cfg["client-num-cpus"]))))
-    use_cuda = float(cfg["client-num-gpus"]) > 0
+def _setup(context: Context) -> tuple[ClientSpec, int, int, torch.device]:
+    spec = _spec(tuple(sorted(context.run_config.items())))
+    pid = int(context.node_config[contract.PARTITION_ID])
+    nparts = int(context.node_config[contract.NUM_PARTITIONS])
+    torch.set_num_threads(max(1, int(spec.client.num_cpus)))
+    use_cuda = spec.client.num_gpus > 0
     if use_cuda and not torch.cuda.is_available():  # an error reply the server logs, not a silent CPU run
-        raise RuntimeError(f"client-num-gpus={cfg['client-num-gpus']} but CUDA is not available to this client "
+        raise RuntimeError(f"client-num-gpus={spec.client.num_gpus} but CUDA is not available to this client "
                            "(no GPU, or the simulation gave its actors none: client-resources-num-gpus)")
-    return cfg, pid, nparts, torch.device("cuda" if use_cuda else "cpu")
+    return spec, pid, nparts, torch.device("cuda" if use_cuda else "cpu")
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
     """A 32-bit seed specific to one client and round, derived from the run's seed."""
     return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
-
-
-#: Error code of a simulated dropout reply (outside Flower's own ``ErrorCode`` values).
-DROPOUT_ERROR_CODE = 100
 
 
 def drops_out(rate: float, seed: int, server_round: int, partition_id: int) -> bool:
@@ -70,9 +64,9 @@ def drops_out(rate: float, seed: int, server_round: int, partition_id: int) -> b
 @app.query("whoami")
 def whoami(msg: Message, context: Context) -> Message:
     """Tell the server this node's partition id and partition count (the server samples clients by them)."""
-    meta = ConfigRecord({"partition-id": int(context.node_config["partition-id"]),
-                         "num-partitions": int(context.node_config["num-partitions"])})
-    return Message(content=RecordDict({"meta": meta}), reply_to=msg)
+    meta = ConfigRecord({contract.PARTITION_ID: int(context.node_config[contract.PARTITION_ID]),
+                         contract.NUM_PARTITIONS: int(context.node_config[contract.NUM_PARTITIONS])})
+    return Message(content=RecordDict({contract.META: meta}), reply_to=msg)
 
 
 @app.train()
@@ -81,56 +75,31 @@ def train(msg: Message, context: Context) -> Message:
 
     Under ``client-dropout`` a client that drops out of this round replies with an error instead (nothing trained).
     """
-    cfg, pid, nparts, device = _setup(context)
-    rnd = int(msg.content["config"].get("server-round", 0))
-    if drops_out(float(cfg["client-dropout"]), int(cfg["seed"]), rnd, pid):
-        return Message(Error(code=DROPOUT_ERROR_CODE, reason=f"client-dropout={cfg['client-dropout']}: "
-                                                             f"partition {pid} dropped out of round {rnd}"),
+    spec, pid, nparts, device = _setup(context)
+    task = spec.task
+    train_config = TrainConfig.from_record(msg.content[contract.CONFIG])
+    rnd = train_config.server_round
+    if drops_out(spec.client.dropout, task.seed, rnd, pid):
+        return Message(Error(code=contract.DROPOUT_ERROR_CODE,
+                             reason=f"client-dropout={spec.client.dropout}: partition {pid} dropped out of round {rnd}"),
                        reply_to=msg)
-    data = load_dataset(str(cfg["dataset"]), str(cfg["data-dir"]))
-    part = partitions(data.name, str(cfg["data-dir"]), nparts, str(cfg["partition"]), float(cfg["dirichlet-alpha"]),
-                      int(cfg["seed"]))[pid]
-    model = build_model(str(cfg["model"]), data.input_shape, data.num_classes)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    model.to(device)
-    defense = DEFENSES[str(cfg["defense"])]
-    t_hooks = time.perf_counter()
-    if defense.on_model is not None:
-        defense.on_model(model, context.state, cfg, client_seed(int(cfg["seed"]), 0, pid))
-    hooks_s = time.perf_counter() - t_hooks
-    train_cfg = dict(msg.content["config"])
-    res = local_train(model, data, part, train_cfg, cfg, defense, context.state, client_seed(int(cfg["seed"]), rnd, pid),
-                      device)
-    t_hooks = time.perf_counter()
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if defense.on_reply is not None:
-        state = defense.on_reply(state, context.state, cfg)
-    extra = defense.report(context.state, cfg) if defense.report is not None else {}
-    hooks_s += time.perf_counter() - t_hooks if defense.on_reply is not None or defense.report is not None else 0.0
-    metrics = {"num-examples": res.num_examples, "train-loss": res.loss, "train-time-s": res.train_time_s + hooks_s,
-               "defense-time-s": res.defense_time_s + hooks_s, **res.defense_info, **extra}
-    content = RecordDict({
-        "arrays": ArrayRecord(state),
-        "metrics": MetricRecord(metrics),
-        "meta": ConfigRecord({"partition-id": pid}),
-    })
-    if cfg["audit"]:
-        content["audit"] = ConfigRecord({"partition-id": pid, "sample-indices": res.sample_indices})
+    data = load_dataset(task.dataset, task.data_dir)
+    part = partitions(data.name, task.data_dir, nparts, task.partition, task.dirichlet_alpha, task.seed)[pid]
+    update = client_update(spec, msg.content[contract.ARRAYS].to_torch_state_dict(), data, part, train_config,
+                           context.state, client_seed(task.seed, 0, pid), client_seed(task.seed, rnd, pid), device)
+    content = contract.train_reply(update.state, update.metrics, pid, update.sample_indices if task.audit else None)
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_fn(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this client's share of the test split (IID, by partition id)."""
-    cfg, pid, nparts, device = _setup(context)
-    data = load_dataset(str(cfg["dataset"]), str(cfg["data-dir"]))
-    idx = iid_partition(len(data.y_test), nparts, int(cfg["seed"]))[pid]
-    model = build_model(str(cfg["model"]), data.input_shape, data.num_classes)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    model.to(device)
-    defense = DEFENSES[str(cfg["defense"])]
-    if defense.on_model is not None:
-        defense.on_model(model, context.state, cfg, client_seed(int(cfg["seed"]), 0, pid))
+    spec, pid, nparts, device = _setup(context)
+    task = spec.task
+    data = load_dataset(task.dataset, task.data_dir)
+    idx = eval_share(len(data.y_test), nparts, pid, task.seed)
+    model, _ = prepare_model(spec, msg.content[contract.ARRAYS].to_torch_state_dict(), context.state,
+                             client_seed(task.seed, 0, pid), device)
     loss, acc = evaluate(model, data.x_test[idx], data.y_test[idx], data.mean, data.std, device)
-    metrics = MetricRecord({"num-examples": len(idx), "eval-loss": loss, "eval-acc": acc})
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    metrics = MetricRecord({contract.NUM_EXAMPLES: len(idx), "eval-loss": loss, "eval-acc": acc})
+    return Message(content=RecordDict({contract.METRICS: metrics}), reply_to=msg)

@@ -8,7 +8,6 @@ before the step is taken.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +18,8 @@ from flwr.app import RecordDict
 from torch import nn
 
 from clients.defenses import Defense, StepContext
-from fl_sim.data import Dataset, to_tensor
+from fl_sim.task.contract import TrainConfig
+from fl_sim.task.datasets import Dataset, to_tensor
 
 
 @dataclass
@@ -27,13 +27,13 @@ class TrainResult:
     """What one round of local training produced (besides the updated model).
 
     Attributes:
-        num_examples: FedAvg weight: ``B`` for fedsgd, the partition size for fedavg.
+        num_examples: FedAvg weight (:meth:`TrainConfig.num_examples`).
         loss: mean training loss over the local steps (before each step).
         train_time_s: wall-clock seconds of local training, defense included.
         defense_time_s: seconds spent inside the defense.
-        steps: local SGD steps taken.
+        steps: local SGD steps taken (:meth:`TrainConfig.steps`).
         sample_indices: indices into the training split of the samples used, in order of use (audit only).
-        defense_info: per-round diagnostics returned by the defense (e.g. the privacy budget spent).
+        defense_info: per-round diagnostics the defense set on its step contexts (e.g. Soteria's pruned share).
     """
 
     num_examples: int
@@ -45,62 +45,51 @@ class TrainResult:
     defense_info: dict[str, float] = field(default_factory=dict)
 
 
-def batch_schedule(partition: np.ndarray, mode: str, batch_size: int, local_steps: int, local_epochs: int,
-                   rng: np.random.Generator) -> list[np.ndarray]:
+def batch_schedule(partition: np.ndarray, train_config: TrainConfig, rng: np.random.Generator) -> list[np.ndarray]:
     """The batches (arrays of training-split indices) one client uses in one round.
 
     * ``fedsgd``: one batch of ``batch_size`` distinct samples drawn at random from the partition.
     * ``fedavg`` with ``local_steps = K > 0``: K batches, walking through reshuffled passes over the partition.
     * ``fedavg`` otherwise: ``local_epochs`` shuffled passes of ``⌈n / B⌉`` batches (the last one may be smaller).
 
+    There are always :meth:`TrainConfig.steps` batches.
+
     Raises:
-        ValueError: unknown mode, or a batch larger than the partition.
+        ValueError: a batch larger than the partition.
     """
-    n = len(partition)
-    if batch_size > n:
-        raise ValueError(f"batch-size={batch_size} exceeds this client's {n} samples")
-    if mode == "fedsgd":
-        return [rng.choice(partition, size=batch_size, replace=False)]
-    if mode != "fedavg":
-        raise ValueError(f"unknown mode {mode!r}; allowed: fedsgd, fedavg")
-    if local_steps > 0:
+    n, bs = len(partition), train_config.batch_size
+    if bs > n:
+        raise ValueError(f"batch-size={bs} exceeds this client's {n} samples")
+    if train_config.mode == "fedsgd":
+        return [rng.choice(partition, size=bs, replace=False)]
+    if train_config.local_steps > 0:
         batches, order, pos = [], rng.permutation(partition), 0
-        for _ in range(local_steps):
-            if pos + batch_size > n:
+        for _ in range(train_config.local_steps):
+            if pos + bs > n:
                 order, pos = rng.permutation(partition), 0
-            batches.append(order[pos : pos + batch_size])
-            pos += batch_size
+            batches.append(order[pos : pos + bs])
+            pos += bs
         return batches
     batches = []
-    for _ in range(local_epochs):
+    for _ in range(train_config.local_epochs):
         order = rng.permutation(partition)
-        batches.extend(order[i : i + batch_size] for i in range(0, n, batch_size))
+        batches.extend(order[i : i + bs] for i in range(0, n, bs))
     return batches
 
 
-def local_train(
-    model: nn.Module,
-    data: Dataset,
-    partition: np.ndarray,
-    train_config: Mapping[str, Any],
-    run_config: Mapping[str, Any],
-    defense: Defense,
-    state: RecordDict,
-    seed: int,
-    device: torch.device,
-) -> TrainResult:
+def local_train(model: nn.Module, data: Dataset, partition: np.ndarray, train_config: TrainConfig,
+                defense: Defense, params: Any, state: RecordDict, seed: int, device: torch.device) -> TrainResult:
     """Train ``model`` in place on this client's partition for one round.
 
     Args:
-        model: the global model, loaded, on ``device``.
+        model: the global model, loaded (and prepared by the defense's ``on_model``), on ``device``.
         data: the dataset (``uint8`` arrays; batches are converted on the fly).
         partition: ``int64`` indices of this client's samples in ``data.x_train``.
-        train_config: what the server sent this round: ``mode``, ``lr``, ``batch-size``, ``local-steps``,
-            ``local-epochs``, ``server-round``.
-        run_config: the resolved run config (for the defense's keys).
+        train_config: what the server sent this round.
         defense: the defense applied to every step's gradient.
+        params: its parameter object.
         state: this client's ``Context.state``.
-        seed: seed for batch sampling and the defense's randomness (client- and round-specific).
+        seed: seed of this round's batch sampling and defense randomness (derived from the client's secret).
         device: where to compute.
 
     Returns:
@@ -108,13 +97,9 @@ def local_train(
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    mode = str(train_config["mode"])
-    bs = int(train_config["batch-size"])
-    lr = float(train_config["lr"])
-    batches = batch_schedule(partition, mode, bs, int(train_config.get("local-steps", 0)),
-                             int(train_config.get("local-epochs", 1)), rng)
+    batches = batch_schedule(partition, train_config, rng)
     names = [n for n, _ in model.named_parameters()]
-    params = [p for p in model.parameters()]
+    params_list = list(model.parameters())
     gen = torch.Generator(device="cpu").manual_seed(seed)
     model.train()
     losses, defense_s, info = [], 0.0, {}
@@ -122,18 +107,17 @@ def local_train(
         x = to_tensor(data.x_train[idx], data.mean, data.std, device)
         y = torch.as_tensor(data.y_train[idx], device=device)
         loss = F.cross_entropy(model(x), y)
-        grads = list(torch.autograd.grad(loss, params))
+        grads = list(torch.autograd.grad(loss, params_list))
         t_def = time.perf_counter()
-        ctx = StepContext(model, names, x, y, F.cross_entropy, run_config, state, gen, step,
-                          int(train_config.get("server-round", 0)), data=data, partition=partition)
+        ctx = StepContext(model, names, x, y, F.cross_entropy, params, state, gen, step, train_config.server_round,
+                          data=data, partition=partition)
         grads = defense.apply(grads, ctx)
         defense_s += time.perf_counter() - t_def
         info.update(ctx.info)
         with torch.no_grad():
-            for p, g in zip(params, grads):
-                p.add_(g, alpha=-lr)
+            for p, g in zip(params_list, grads):
+                p.add_(g, alpha=-train_config.lr)
         losses.append(float(loss.detach()))
     used = np.concatenate(batches)
-    num_examples = bs if mode == "fedsgd" else len(partition)
-    return TrainResult(num_examples, float(np.mean(losses)), time.perf_counter() - t0, defense_s, len(batches),
-                       [int(i) for i in used], info)
+    return TrainResult(train_config.num_examples(len(partition)), float(np.mean(losses)), time.perf_counter() - t0,
+                       defense_s, len(batches), [int(i) for i in used], info)

@@ -1,11 +1,13 @@
 """The one-shot privacy audit behind ``fl-sim attack``: one client, one update, one attack — no federation.
 
-:func:`run_audit` computes the update a client would send for given images — the same local training
-(:func:`clients.training.local_train`) and client defense (``DEFENSES``) as inside ``fl-sim run``, plus the
-defense's server-side step when it has one (``SERVER_STEPS``, applied to the one-client aggregate, as if the
-server attacked what it aggregates) — builds the :class:`~attacker.payload.AttackPayload` a curious server would
-hold, runs the attack and scores it with the evaluator. The images come from a dataset (``--dataset --index``) or
-from any PNG/JPEG files (:func:`load_images`), resized to the model's input with scikit-image.
+:func:`run_audit` runs round 1 of a one-client federation without Flower's runtime: the client is partition 0 of
+``fl-sim run`` holding exactly the given images, trained by the one client pipeline
+(:func:`clients.pipeline.client_update`, the same seeds as a run's client 0 in round 1), and its reply goes
+through the one server side (:class:`strategies.strategy.CuriousFedAvg`): validation, the attack on the raw update
+(cut to the attack's threat model), the evaluator's score, then aggregation and the defense's server step. So the
+audit and a run hand the attacker the same payload for the same model, images, defense and seeds (a test compares
+them bit for bit). The images come from a dataset (``--dataset --index``) or from any PNG/JPEG files
+(:func:`load_images`), resized to the model's input with scikit-image.
 """
 
 from __future__ import annotations
@@ -14,14 +16,26 @@ import json
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord, Message, Metadata, RecordDict
+from skimage import color, io, transform
 
-from fl_sim.config import ConfigError, check_attack_options
-from fl_sim.data import DATASET_SHAPES, DATASET_STATS, Dataset
+from attacker import AttackPayload
+from clients.client_app import client_seed
+from clients.pipeline import client_update
+from fl_sim.config import ConfigError, check_attack_with_model, check_model, specs
+from fl_sim.results import atomic_write_text, finite, save_pair_figure
+from fl_sim.task import contract
+from fl_sim.task.contract import TrainConfig
+from fl_sim.task.datasets import DATASETS, Dataset
+from fl_sim.task.models import build_model
+from strategies.strategy import CuriousFedAvg
 
 
 def fedsgd_payload(model_name: str, x: torch.Tensor, y: torch.Tensor, mean: tuple[float, ...],
@@ -45,11 +59,6 @@ def fedsgd_payload(model_name: str, x: torch.Tensor, y: torch.Tensor, mean: tupl
         ``(payload, model, grads)``: the :class:`~attacker.payload.AttackPayload`, the model at the global state,
         and the true gradients (detached, in ``model.parameters()`` order).
     """
-    import torch.nn.functional as F
-
-    from attacker.payload import AttackPayload
-    from fl_sim.models import build_model
-
     torch.manual_seed(seed)
     shape = tuple(x.shape[1:])
     model = build_model(model_name, shape, num_classes)
@@ -57,7 +66,7 @@ def fedsgd_payload(model_name: str, x: torch.Tensor, y: torch.Tensor, mean: tupl
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     update = {n: -lr * g for (n, _), g in zip(model.named_parameters(), grads)}
     payload = AttackPayload(model_name, shape, num_classes, mean, std, state, update, len(x),
-                            {"mode": "fedsgd", "lr": lr, "batch-size": len(x)})
+                            TrainConfig("fedsgd", lr, len(x)))
     return payload, model, grads
 
 
@@ -68,13 +77,11 @@ def load_images(paths: Sequence[str | Path], input_shape: tuple[int, int, int]) 
     three-channel ones. Resizing uses ``skimage.transform.resize`` with anti-aliasing.
 
     Returns:
-        ``uint8 (N, H, W, C)``, the dataset layout of :class:`fl_sim.data.Dataset`.
+        ``uint8 (N, H, W, C)``, the dataset layout of :class:`fl_sim.task.datasets.Dataset`.
 
     Raises:
         ConfigError: a file that is missing or not an image.
     """
-    from skimage import color, io, transform
-
     c, h, w = input_shape
     out = []
     for path in paths:
@@ -101,108 +108,107 @@ def load_images(paths: Sequence[str | Path], input_shape: tuple[int, int, int]) 
 def audit_dataset(name: str, images: np.ndarray, labels: np.ndarray) -> Dataset:
     """An in-memory :class:`Dataset` holding only ``images`` (``uint8 (N, H, W, C)``) as its training split, with
     the public shape, classes and normalisation of the dataset ``name``."""
-    (_, classes) = DATASET_SHAPES[name]
-    mean, std = DATASET_STATS[name]
+    spec = DATASETS[name]
     empty = np.zeros((0, *images.shape[1:]), np.uint8)
-    return Dataset(name, images, np.asarray(labels, np.int64), empty, np.zeros(0, np.int64), classes, mean, std,
-                   source="fl-sim attack")
+    return Dataset(name, images, np.asarray(labels, np.int64), empty, np.zeros(0, np.int64), spec.num_classes,
+                   spec.mean, spec.std, source="fl-sim attack")
 
 
-def _server_message(state: dict[str, torch.Tensor], num_examples: int) -> Any:
-    from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+class AuditRecorder:
+    """The audit's recorder: the strategy's round record is kept in memory, the figure goes to ``out_dir``."""
 
-    md = Metadata(run_id=0, message_id=uuid.uuid4().hex, src_node_id=1, dst_node_id=0,
+    def __init__(self, out_dir: Path | None):
+        self.out_dir = out_dir
+        self.rounds: list[dict[str, Any]] = []
+
+    def log_round(self, record: dict[str, Any]) -> None:
+        self.rounds.append(dict(record))
+
+    def save_attack_figure(self, server_round: int, truth: np.ndarray, reconstruction: np.ndarray, title: str,
+                           labels: list[int] | None = None, true_labels: list[int] | None = None) -> str:
+        if self.out_dir is None:
+            return ""
+        save_pair_figure(self.out_dir / "reconstruction.png", truth, reconstruction, title, labels, true_labels)
+        return "reconstruction.png"
+
+
+#: The node id of the audit's one client (any id: there is no Grid).
+AUDIT_NODE = 1
+
+
+def audit_round(cfg: Mapping[str, Any], data: Dataset, out_dir: Path | None = None
+                ) -> tuple[CuriousFedAvg, Message, ArrayRecord | None]:
+    """Round 1 of a one-client federation on ``data`` (see the module docstring), attacked.
+
+    Returns:
+        ``(strategy, reply, aggregate)``: the strategy after the round (its ``last_record`` holds the attack), the
+        client's reply as the server received it, and the aggregated (and server-stepped) global model.
+
+    Raises:
+        ConfigError: a model that does not take these inputs, layer patterns that match nothing, or an attack that
+            cannot run on this model.
+    """
+    run = specs(cfg)
+    task = run.server.task
+    torch.manual_seed(task.seed)
+    model = check_model(cfg, data.input_shape, data.num_classes)
+    check_attack_with_model(cfg, model)
+    server = replace(run.server, server=replace(run.server.server, attack_every=1, victim="0"))
+    strategy = CuriousFedAvg(server, data, AuditRecorder(out_dir))
+    arrays = ArrayRecord({k: v.detach().clone() for k, v in model.state_dict().items()})
+    record = strategy.new_record(1)
+    train_config = task.train_config(record["lr"], 1)
+    strategy.begin_round(1, arrays, train_config, {AUDIT_NODE: 0})
+    update = client_update(run.client, arrays.to_torch_state_dict(), data, np.arange(len(data.y_train)),
+                           train_config, RecordDict(), client_seed(task.seed, 0, 0), client_seed(task.seed, 1, 0),
+                           torch.device("cpu"))
+    content = contract.train_reply(update.state, update.metrics, 0, update.sample_indices)
+    md = Metadata(run_id=0, message_id=uuid.uuid4().hex, src_node_id=AUDIT_NODE, dst_node_id=0,
                   reply_to_message_id=uuid.uuid4().hex, group_id="1", created_at=time.time(), ttl=3600,
                   message_type="train")
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": num_examples})})
-    return Message(content=content, metadata=md)
+    reply = Message(content=content, metadata=md)
+    aggregate, _ = strategy.aggregate_train(1, [reply])
+    return strategy, reply, aggregate
 
 
-def run_audit(cfg: Mapping[str, Any], data: Dataset, out_dir: Path | None = None,
-              server_step: bool = True) -> dict[str, Any]:
-    """Attack the update one client would send after training on every image of ``data``'s training split.
+def run_audit(cfg: Mapping[str, Any], data: Dataset, out_dir: Path | None = None) -> dict[str, Any]:
+    """Attack the update one client would send after training on the images of ``data``'s training split.
 
     Args:
         cfg: a resolved run config (``model``, ``defense``, ``attack``, ``mode``, ``lr``, ``batch-size``,
             ``local-steps``, ``local-epochs``, ``seed``, the ``attack-*`` and ``defense-*`` keys).
         data: the client's data (:func:`audit_dataset`, or a real dataset restricted to the chosen indices).
         out_dir: where to write ``attack.json`` and ``reconstruction.png`` (nothing is written when ``None``).
-        server_step: apply the defense's server-side step, when it has one.
 
     Returns:
         The ``attack.json`` content: ``psnr`` (dB), ``ssim``, ``mse``, ``label_accuracy``, ``time_s``,
         ``iterations``, ``objective``, the recovered and true labels, the settings and the attack's extras.
 
     Raises:
-        ConfigError: a model that does not take these inputs, layer patterns that match nothing, or an attack that
-            cannot run on this model or update (e.g. ``rgap`` on a ReLU network).
+        ConfigError: as :func:`audit_round`, or an attack that fails on this update.
     """
-    from attacker import ATTACKS, AttackOptions, AttackPayload, Budget
-    from clients.defenses import DEFENSES
-    from clients.training import local_train
-    from fl_sim.evaluator import score_reconstruction
-    from fl_sim.models import build_model
-    from fl_sim.results import save_pair_figure
-    from strategies.compensation import SERVER_STEPS
-
-    torch.manual_seed(int(cfg["seed"]))
-    try:
-        model = build_model(str(cfg["model"]), data.input_shape, data.num_classes)
-        with torch.no_grad():
-            model(torch.zeros(1, *data.input_shape))
-    except Exception as exc:
-        raise ConfigError(f"model={cfg['model']!r} does not accept inputs {data.input_shape}: {exc}") from exc
-    check_attack_options(cfg, model)
-    device = torch.device("cpu")
-    sent = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    train_cfg = {"mode": str(cfg["mode"]), "lr": float(cfg["lr"]), "batch-size": int(cfg["batch-size"]),
-                 "local-steps": int(cfg["local-steps"]), "local-epochs": int(cfg["local-epochs"]), "server-round": 1}
-    defense = DEFENSES[str(cfg["defense"])]
-    from flwr.app import RecordDict
-
-    state = RecordDict()
-    if defense.on_model is not None:
-        defense.on_model(model, state, cfg)
-    part = np.arange(len(data.y_train))
-    res = local_train(model, data, part, train_cfg, cfg, defense, state, int(cfg["seed"]), device)
-    returned = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if defense.on_reply is not None:
-        returned = defense.on_reply(returned, state, cfg)
-    step = SERVER_STEPS.get(str(cfg["defense"])) if server_step else None
-    if step is not None:
-        from flwr.app import ArrayRecord
-
-        reply = _server_message(returned, res.num_examples)
-        returned = step(ArrayRecord(returned), [reply], {"state": sent, "config": train_cfg}, cfg).to_torch_state_dict()
-    update = {k: returned[k].float() - sent[k].float() for k in sent if k in returned}
-    payload = AttackPayload(str(cfg["model"]), data.input_shape, data.num_classes, data.mean, data.std, sent, update,
-                            res.num_examples, dict(train_cfg), round=1, client="audit")
-    budget = Budget(iterations=int(cfg["attack-iterations"]), restarts=int(cfg["attack-restarts"]),
-                    time_limit_s=float(cfg["attack-time-limit"]), seed=int(cfg["seed"]))
-    try:
-        result = ATTACKS[str(cfg["attack"])].run(payload, budget, AttackOptions.from_config(cfg))
-    except (ValueError, TimeoutError) as exc:
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    strategy, reply, _ = audit_round(cfg, data, out_dir)
+    attack = strategy.last_record["attacks"][0]
+    if "error" in attack:
         raise ConfigError(f"attack={cfg['attack']!r} cannot run on model={cfg['model']!r} with this update: "
-                          f"{exc}") from exc
-    scores = score_reconstruction(data, result, {"sample-indices": res.sample_indices})
-    truth, rec = scores.pop("truth"), scores.pop("reconstruction")
+                          f"{attack['error']}")
+    metrics = contract.reply_metrics(reply)
+    known = {"round", "client", "attack", "time_s", "iterations", "objective", "psnr", "ssim", "mse",
+             "label_accuracy", "labels", "true_labels", "image", "num_images"}
     record: dict[str, Any] = {
-        "psnr": scores["psnr"], "ssim": scores["ssim"], "mse": scores["mse"],
-        "label_accuracy": scores.get("label_accuracy"), "time_s": result.time_s, "iterations": result.iterations,
-        "objective": result.objective, "labels": scores["labels"], "true_labels": scores["true_labels"],
-        "attack": str(cfg["attack"]), "model": str(cfg["model"]), "defense": str(cfg["defense"]),
-        "dataset": data.name, "input_shape": list(data.input_shape), "num_images": int(len(truth)),
-        "server_step": step is not None, "train_loss": res.loss, "defense_time_s": res.defense_time_s,
-        "extras": dict(result.extras),
+        "psnr": attack["psnr"], "ssim": attack["ssim"], "mse": attack["mse"],
+        "label_accuracy": attack.get("label_accuracy"), "time_s": attack["time_s"],
+        "iterations": attack["iterations"], "objective": attack["objective"], "labels": attack["labels"],
+        "true_labels": attack["true_labels"], "attack": str(cfg["attack"]), "model": str(cfg["model"]),
+        "defense": str(cfg["defense"]), "dataset": data.name, "input_shape": list(data.input_shape),
+        "num_images": attack["num_images"], "train_loss": metrics[contract.TRAIN_LOSS],
+        "defense_time_s": metrics[contract.DEFENSE_TIME],
+        "extras": {k: v for k, v in attack.items() if k not in known},
         "settings": {k: cfg[k] for k in cfg if k.startswith(("attack", "defense")) or k in (
             "mode", "lr", "batch-size", "local-steps", "local-epochs", "seed")},
     }
     if out_dir is not None:
-        from fl_sim.results import _finite, atomic_write_text
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "attack.json", json.dumps(_finite(record), indent=2))
-        title = (f"{record['attack']} on {record['model']} ({record['defense']}): PSNR {record['psnr']:.1f} dB, "
-                 f"SSIM {record['ssim']:.3f}")
-        save_pair_figure(out_dir / "reconstruction.png", truth, rec, title, scores["labels"], scores["true_labels"])
+        atomic_write_text(out_dir / "attack.json", json.dumps(finite(record), indent=2))
     return record

@@ -66,16 +66,16 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _finite(x: Any) -> Any:
+def finite(x: Any) -> Any:
     """JSON-safe value: NaN/inf floats become ``None``; numpy scalars become Python scalars."""
     if isinstance(x, (np.floating, float)):
         return float(x) if math.isfinite(float(x)) else None
     if isinstance(x, np.integer):
         return int(x)
     if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
+        return {k: finite(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
+        return [finite(v) for v in x]
     return x
 
 
@@ -98,7 +98,7 @@ class RunRecorder:
 
     def log_round(self, record: Mapping[str, Any]) -> None:
         """Append one round's record to ``metrics.jsonl`` and flush it to disk."""
-        self._metrics.write(json.dumps(_finite(dict(record))) + "\n")
+        self._metrics.write(json.dumps(finite(dict(record))) + "\n")
         self._metrics.flush()
         os.fsync(self._metrics.fileno())
 
@@ -183,9 +183,9 @@ def summarize(records: list[dict[str, Any]], cfg: Mapping[str, Any], wall_time_s
         "settings": {k: cfg[k] for k in ("dataset", "model", "mode", "batch-size", "lr", "num-supernodes",
                                          "num-server-rounds", "defense", "attack", "seed") if k in cfg},
     }
-    return _finite(summary)
+    return finite(summary)
 
 
 def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> None:
     """Write ``summary.json`` atomically."""
-    atomic_write_text(Path(run_dir) / "summary.json", json.dumps(_finite(dict(summary)), indent=2))
+    atomic_write_text(Path(run_dir) / "summary.json", json.dumps(finite(dict(summary)), indent=2))

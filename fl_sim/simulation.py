@@ -12,15 +12,29 @@ Ctrl-C: the ServerApp stops after the current round (everything written so far i
 
 from __future__ import annotations
 
-import logging
 import os
-import tempfile
-import threading
-from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any
 
-from fl_sim.config import pyproject_block
+# before Flower and Ray are imported: no telemetry, no Ray warning about accelerator variables, deduplicated logs
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+import logging  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Callable, Mapping  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+from flwr.app import Context, RecordDict  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.simulation.run_simulation import _run_simulation  # noqa: E402
+from flwr.supercore.telemetry import EventType  # noqa: E402
+
+from clients.client_app import app as default_client_app  # noqa: E402
+from fl_sim.config import pyproject_block  # noqa: E402
+from fl_sim.server_app import run_server  # noqa: E402
 
 #: Set to ask a running in-process simulation to stop (the ServerApp stops waiting and ends the run).
 STOP = threading.Event()
@@ -34,7 +48,7 @@ version = "0.0.0"
 publisher = "fl-sim"
 
 [tool.flwr.app.components]
-serverapp = "strategies.server_app:app"
+serverapp = "fl_sim.server_app:app"
 clientapp = "clients.client_app:app"
 
 """
@@ -43,8 +57,6 @@ clientapp = "clients.client_app:app"
 def backend_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Flower's Ray backend config: per-client resources from the run config, Ray sized to the cores this process
     may run on (its CPU affinity)."""
-    import torch
-
     gpus = torch.cuda.device_count()
     # the cores this process may use (taskset, cgroups, `fl-sim sweep --jobs`), not all of the machine's
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -76,18 +88,8 @@ def run(cfg: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | Non
     Raises:
         RuntimeError: the simulation engine failed (the run directory keeps what was written).
     """
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    from flwr.app import Context, RecordDict
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.telemetry import EventType
-
     if client_app is None:
-        from clients.client_app import app as client_app
-    from strategies.server_app import run_server
-
+        client_app = default_client_app
     quiet_flower(verbose)
     STOP.clear()
     out: dict[str, Path] = {}

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fl_sim.data import EMBEDDED_FMNIST, read_fashion_mnist_dir  # noqa: E402
+from fl_sim.task.datasets.fashion_mnist import EMBEDDED as EMBEDDED_FMNIST, read_dir as read_fashion_mnist_dir  # noqa: E402
 
 N_TRAIN, N_TEST, SEED = 10_000, 2_000, 2026
 

@@ -21,14 +21,12 @@ from logging import WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from fl_sim.config import ConfigError
-
-#: Message type of the identity query answered by ``clients.client_app`` (``@app.query("whoami")``).
-WHOAMI = "query.whoami"
+from fl_sim.task.contract import ARRAYS, META, NUM_EXAMPLES, NUM_PARTITIONS, PARTITION_ID, WHOAMI
+from fl_sim.task.keys import ConfigError
 
 #: Stream id mixed into the sampling seed (keeps it independent of the other seeded streams).
 _SAMPLE_STREAM = 0x5A4D
@@ -49,18 +47,13 @@ def short_reason(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def expected_arrays(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``{key: (shape, dtype)}`` of the global arrays the server sends; replies must match it exactly."""
-    return {k: (tuple(a.shape), str(a.dtype)) for k, a in arrays.items()}
-
-
 def check_reply(msg: Message, expected: Mapping[str, tuple[tuple[int, ...], str]], max_examples: int,
-                arrays_key: str = "arrays", weight_key: str = "num-examples") -> str | None:
+                arrays_key: str = ARRAYS, weight_key: str = NUM_EXAMPLES) -> str | None:
     """Why a train reply must not be aggregated or attacked, or ``None`` if it is usable.
 
     Args:
         msg: the reply.
-        expected: ``{key: (shape, dtype)}`` of the arrays sent (:func:`expected_arrays`).
+        expected: ``{key: (shape, dtype)}`` of the arrays sent (:func:`strategies.rounds.expected_arrays`).
         max_examples: the largest plausible ``num-examples`` (the training split's size).
         arrays_key: name of the reply's ArrayRecord.
         weight_key: the MetricRecord key FedAvg weights by.
@@ -154,12 +147,12 @@ def discover_partitions(grid: Grid, nodes: Iterable[int], num_partitions: int, t
     taken = {p: n for n, p in known.items()}
     for msg in replies:
         node = msg.metadata.src_node_id
-        if msg.has_error() or "meta" not in msg.content:
+        if msg.has_error() or META not in msg.content:
             reason = short_reason(msg.error.reason) if msg.has_error() else "no 'meta' record"
             failures.append({"node": node, "partition_id": None, "reason": f"whoami failed: {reason}"})
             continue
-        meta = msg.content["meta"]
-        pid, nparts = int(meta["partition-id"]), int(meta["num-partitions"])
+        meta = msg.content[META]
+        pid, nparts = int(meta[PARTITION_ID]), int(meta[NUM_PARTITIONS])
         if nparts != num_partitions or not 0 <= pid < num_partitions:
             raise ConfigError(
                 f"SuperNode {node} has node-config partition-id={pid} num-partitions={nparts}, but "

@@ -1,25 +1,39 @@
-"""Client-side gradient defenses: registry name → :class:`Defense`. A new defense is one module plus one line."""
+"""Client-side gradient defenses: registry name → :class:`Defense`.
+
+A new defense is one module (its keys, parameter object, checks, metrics and hooks; see
+:mod:`clients.defenses.base`) plus one ``DEFENSES.register`` line below — or, outside this repository, a module
+named in the ``plugins`` key that registers itself.
+"""
 
 from __future__ import annotations
 
 from clients.defenses import dp, fedkl, graddefense, none, prune, quantize, soteria
 from clients.defenses.base import Defense, StepContext, per_sample_gradients
+from fl_sim.task.keys import Key, merge
+from fl_sim.task.registry import Registry
 
 #: Defense registry.
-DEFENSES: dict[str, Defense] = {
-    "none": Defense(none.apply, "no defense"),
-    "prune": Defense(prune.apply, "gradient compression: per-tensor magnitude pruning (DLG, NeurIPS'19)"),
-    "dp-gaussian": Defense(dp.apply_gaussian, "clip + Gaussian noise, (ε, δ) as Flower's LocalDpMod; RDP accountant",
-                           report=dp.report_gaussian),
-    "dp-laplace": Defense(dp.apply_laplace, "L1 clip + Laplace noise (b = Δ/ε); RDP accountant",
-                          report=dp.report_laplace),
-    "soteria": Defense(soteria.apply, "Soteria/PLD: prune the FC input representation (Sun et al., CVPR'21)"),
-    "graddefense": Defense(graddefense.apply, "GradDefense: noise on M of S sensitivity-balanced slices "
-                                              "(Wang et al., INFOCOM'22); server compensation"),
-    "fedkl": Defense(fedkl.apply, "FedKL: private key-lock layers sent as zeros (Ren et al., arXiv'23)",
-                     on_model=fedkl.on_model, on_reply=fedkl.on_reply, model_hint="lenet-kl or resnet20-kl",
-                     models=("lenet-kl", "resnet20-kl")),
-    "quantize": Defense(quantize.apply, "cast gradients to float16/bfloat16/int8 and back (DLG, NeurIPS'19)"),
-}
+DEFENSES: Registry[Defense] = Registry("defense")
+DEFENSES.register("none", none.DEFENSE)
+DEFENSES.register("prune", prune.DEFENSE)
+DEFENSES.register("dp-gaussian", dp.GAUSSIAN)
+DEFENSES.register("dp-laplace", dp.LAPLACE)
+DEFENSES.register("soteria", soteria.DEFENSE)
+DEFENSES.register("graddefense", graddefense.DEFENSE)
+DEFENSES.register("fedkl", fedkl.DEFENSE)
+DEFENSES.register("quantize", quantize.DEFENSE)
 
-__all__ = ["DEFENSES", "Defense", "StepContext", "per_sample_gradients"]
+#: The key that chooses the defense.
+DEFENSE_KEY = {"defense": Key("none", "client-side gradient defense", choices=lambda: list(DEFENSES))}
+
+
+def defense_keys() -> dict[str, Key]:
+    """``defense`` and every registered defense's keys, in registration order.
+
+    Raises:
+        ValueError: two defenses declare one key differently.
+    """
+    return merge(DEFENSE_KEY, *(d.keys for d in DEFENSES.values()))
+
+
+__all__ = ["DEFENSES", "DEFENSE_KEY", "Defense", "StepContext", "defense_keys", "per_sample_gradients"]

@@ -1,10 +1,13 @@
-"""The interface every client-side defense implements.
+"""The interface every client-side defense implements, and the per-sample gradient helper.
 
-A defense transforms the gradient of every local SGD step (so training feels it, and so does what is sent). It may
-also keep per-client secrets across rounds in Flower's ``Context.state`` (a ``RecordDict`` that never leaves the
-client) and touch the model after the global arrays are loaded (``on_model``) or the outgoing state dict before the
-reply is built (``on_reply``), and add per-round diagnostics to the reply's metrics (``report``, e.g. the privacy
-budget spent). The server-side part of a defense, if any, lives in ``strategies/``.
+A defense is one module that declares a :class:`Defense`: its run-config keys (``defense-*``), the frozen parameter
+object built from them, its checks against other keys, the public metrics it reports, and its hooks. It transforms
+the gradient of every local SGD step (so training feels it, and so does what is sent). It may also keep per-client
+secrets across rounds in Flower's ``Context.state`` (a ``RecordDict`` that never leaves the client), touch the
+model after the global arrays are loaded (``on_model``) or the outgoing state dict before the reply is built
+(``on_reply``), and add per-round public diagnostics to the reply's metrics (``report``, e.g. the privacy budget
+spent). A server-side part, if any, is a server step in ``strategies/steps/``. Registering the module's
+:class:`Defense` in :data:`clients.defenses.DEFENSES` (one line) makes it a ``defense=NAME`` choice.
 
 :func:`per_sample_gradients` gives the per-sample gradients of a step's batch (``torch.func.vmap`` over
 ``torch.func.grad``) for defenses that clip sample by sample.
@@ -20,6 +23,10 @@ import numpy as np
 import torch
 from flwr.app import RecordDict
 from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from fl_sim.task.config import TaskConfig
+from fl_sim.task.keys import ConfigError, Key, build
 
 
 @dataclass
@@ -32,13 +39,14 @@ class StepContext:
         x: the step's batch, normalised ``float32 (B, C, H, W)``.
         y: its labels, ``int64 (B,)``.
         loss_fn: ``(logits, y) -> scalar`` mean loss used for training.
-        config: the resolved run config (``defense-*`` keys among it).
+        params: the defense's parameter object (:meth:`Defense.configure`).
         state: this client's persistent ``Context.state`` (secrets live here, never in a message).
-        generator: a ``torch.Generator`` seeded for this client, round and step (reproducible noise).
+        generator: a ``torch.Generator`` seeded from the client's secret for this round (reproducible noise).
         step: local step index (0-based).
         server_round: the server round.
-        info: per-step diagnostics the defense sets (merged into the reply's metrics; last step wins).
-        data: this client's dataset (``fl_sim.data.Dataset``; private, e.g. for GradDefense's root set) or None.
+        info: per-step diagnostics the defense sets (merged into the reply's metrics; last step wins). Only the
+            names in :attr:`Defense.metrics` may be set.
+        data: this client's dataset (``Dataset``; private, e.g. for GradDefense's root set) or None.
         partition: ``int64`` indices of this client's samples in ``data.x_train``, or None.
     """
 
@@ -47,7 +55,7 @@ class StepContext:
     x: torch.Tensor
     y: torch.Tensor
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    config: Mapping[str, Any]
+    params: Any
     state: RecordDict
     generator: torch.Generator
     step: int = 0
@@ -62,27 +70,58 @@ GradientFn = Callable[[list[torch.Tensor], StepContext], list[torch.Tensor]]
 
 @dataclass(frozen=True)
 class Defense:
-    """A registered client-side defense.
+    """A client-side defense: what its module declares.
 
     Attributes:
+        summary: one line for ``fl-sim defenses``-style listings and reports (paper and year).
         apply: ``(grads, ctx) -> grads`` applied to each local step's gradient list (shapes preserved).
-        summary: one line for ``fl-sim defenses`` and reports (paper and year).
-        on_model: optional ``(model, state, config, seed)`` hook run after the global arrays are loaded (train and
-            evaluate); ``seed`` is constant per client for the whole run (for secrets drawn once).
-        on_reply: optional ``(state_dict, state, config) -> state_dict`` hook run before the reply is built.
-        report: optional ``(state, config) -> {metric: float}`` run after training; merged into the reply's
-            MetricRecord (public diagnostics only, e.g. the privacy budget spent).
-        model_hint: a model the defense requires (e.g. FedKL's key-lock nets), for error messages.
-        models: registry names of the models the defense works with (empty = any); checked before a run starts.
+        keys: the run-config keys it owns (``defense-...``), with defaults, ranges and help.
+        params: a frozen dataclass whose fields are the keys without ``prefix`` (``-`` → ``_``); ``None`` for a
+            defense without keys. Its ``__post_init__`` may raise :class:`ConfigError` for bad combinations of its
+            own keys.
+        prefix: the common prefix of its keys (``"defense-gd-"``).
+        check: optional ``(params, task) -> None`` raising :class:`ConfigError` for combinations with the task's
+            keys that cannot work (checked before a run starts).
+        models: registry names of the models the defense works with (empty = any).
+        metrics: names of the public diagnostics it adds to a reply (through ``ctx.info`` or ``report``); nothing
+            else may be added.
+        on_model: optional ``(model, state, params, seed)`` hook run after the global arrays are loaded (train and
+            evaluate); ``seed`` is the client's secret seed for secrets drawn once per run.
+        on_reply: optional ``(state_dict, state, params) -> state_dict`` hook run before the reply is built.
+        report: optional ``(state, params) -> {metric: float}`` run after training (public diagnostics only).
     """
 
-    apply: GradientFn
     summary: str
-    on_model: Callable[[nn.Module, RecordDict, Mapping[str, Any], int], None] | None = None
-    on_reply: Callable[[dict[str, torch.Tensor], RecordDict, Mapping[str, Any]], dict[str, torch.Tensor]] | None = None
-    report: Callable[[RecordDict, Mapping[str, Any]], dict[str, float]] | None = None
-    model_hint: str = ""
+    apply: GradientFn
+    keys: Mapping[str, Key] = field(default_factory=dict)
+    params: type | None = None
+    prefix: str = ""
+    check: Callable[[Any, TaskConfig], None] | None = None
     models: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    on_model: Callable[[nn.Module, RecordDict, Any, int], None] | None = None
+    on_reply: Callable[[dict[str, torch.Tensor], RecordDict, Any], dict[str, torch.Tensor]] | None = None
+    report: Callable[[RecordDict, Any], dict[str, float]] | None = None
+
+    def configure(self, cfg: Mapping[str, Any]) -> Any:
+        """The parameter object from a run config (``None`` for a defense without keys).
+
+        Raises:
+            ConfigError: a value its key does not allow, or a bad combination of its keys.
+        """
+        return build(self.params, self.keys, cfg, self.prefix) if self.params is not None else None
+
+    def validate(self, name: str, params: Any, task: TaskConfig) -> None:
+        """Checks against the task's keys (the model it needs, and :attr:`check`).
+
+        Raises:
+            ConfigError: one line naming the keys.
+        """
+        if self.models and task.model not in self.models:
+            raise ConfigError(f"model={task.model!r} is not allowed with defense={name!r}; model must be one of "
+                              f"{', '.join(self.models)}")
+        if self.check is not None:
+            self.check(params, task)
 
 
 def per_sample_gradients(ctx: StepContext) -> list[torch.Tensor]:
@@ -100,8 +139,6 @@ def per_sample_gradients(ctx: StepContext) -> list[torch.Tensor]:
         parameters' device. Their mean over dim 0 is the batch gradient (for a mean-reduced loss without
         cross-sample coupling).
     """
-    from torch.func import functional_call, grad, vmap
-
     model = ctx.model
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = {n: b.detach() for n, b in model.named_buffers()}

@@ -41,20 +41,46 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
+import dp_accounting
 import torch
+from dp_accounting.rdp import RdpAccountant
 from flwr.app import ConfigRecord, RecordDict
 
-from clients.defenses.base import StepContext
+from clients.defenses.base import Defense, StepContext
+from fl_sim.task.keys import Key
 
 STATE_KEY = "dp"
 
+#: The keys of both DP defenses (the same objects in both declarations).
+KEYS = {
+    "defense-dp-clip": Key(1.0, "dp-*: clipping norm C of each step's gradient (L2 for gaussian, L1 for laplace)",
+                           low=0, low_open=True),
+    "defense-dp-epsilon": Key(10.0, "dp-*: epsilon of one noised release (one local step)", low=0, low_open=True),
+    "defense-dp-delta": Key(1e-5, "dp-*: delta of one Gaussian release; also the delta of the reported budget",
+                            low=0, low_open=True, high=0.5),
+    "defense-dp-sensitivity": Key(0.0, "dp-*: sensitivity of one release (0 = the clipping norm)", low=0),
+    "defense-dp-noise": Key(0.0, "dp-*: noise scale given directly (Gaussian std / Laplace b; 0 = from epsilon, "
+                                 "delta)", low=0),
+}
 
-def sensitivity(cfg: Mapping[str, Any]) -> float:
+
+@dataclass(frozen=True)
+class Params:
+    """The DP defenses' parameters (see the module docstring): ``clip`` C, ``epsilon``, ``delta``,
+    ``sensitivity`` Δ (0 = C) and ``noise`` (a noise scale given directly; 0 = from ε, δ, Δ)."""
+
+    clip: float
+    epsilon: float
+    delta: float
+    sensitivity: float
+    noise: float
+
+
+def sensitivity(p: Params) -> float:
     """``defense-dp-sensitivity``, or the clipping norm when it is 0."""
-    return float(cfg["defense-dp-sensitivity"]) or float(cfg["defense-dp-clip"])
+    return p.sensitivity or p.clip
 
 
 def gaussian_sigma(sens: float, epsilon: float, delta: float) -> float:
@@ -79,13 +105,13 @@ def laplace_scale(sens: float, epsilon: float) -> float:
     return sens / epsilon
 
 
-def noise_scale(mechanism: str, cfg: Mapping[str, Any]) -> float:
-    """The per-entry noise scale of ``mechanism`` (``"gaussian"``: std; ``"laplace"``: b) under ``cfg``."""
-    if float(cfg["defense-dp-noise"]) > 0:
-        return float(cfg["defense-dp-noise"])
+def noise_scale(mechanism: str, p: Params) -> float:
+    """The per-entry noise scale of ``mechanism`` (``"gaussian"``: std; ``"laplace"``: b) under ``p``."""
+    if p.noise > 0:
+        return p.noise
     if mechanism == "gaussian":
-        return gaussian_sigma(sensitivity(cfg), float(cfg["defense-dp-epsilon"]), float(cfg["defense-dp-delta"]))
-    return laplace_scale(sensitivity(cfg), float(cfg["defense-dp-epsilon"]))
+        return gaussian_sigma(sensitivity(p), p.epsilon, p.delta)
+    return laplace_scale(sensitivity(p), p.epsilon)
 
 
 def clip(grads: list[torch.Tensor], bound: float, p: int = 2) -> list[torch.Tensor]:
@@ -135,9 +161,6 @@ def epsilon_spent(mechanism: str, multiplier: float, releases: int, delta: float
         ε (``inf`` when the multiplier is 0). For Laplace, the smaller of the RDP bound and basic composition
         ``releases · Δ/b`` (pure DP).
     """
-    import dp_accounting
-    from dp_accounting.rdp import RdpAccountant
-
     if releases == 0:
         return 0.0
     if multiplier <= 0:
@@ -153,19 +176,19 @@ def epsilon_spent(mechanism: str, multiplier: float, releases: int, delta: float
 
 
 def _apply(mechanism: str, grads: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
-    cfg = ctx.config
-    out = perturb(grads, mechanism, float(cfg["defense-dp-clip"]), noise_scale(mechanism, cfg), ctx.generator)
+    p: Params = ctx.params
+    out = perturb(grads, mechanism, p.clip, noise_scale(mechanism, p), ctx.generator)
     rec = ctx.state[STATE_KEY] if STATE_KEY in ctx.state else ConfigRecord({"releases": 0})
     rec["releases"] = int(rec["releases"]) + 1
     ctx.state[STATE_KEY] = rec
     return out
 
 
-def _report(mechanism: str, state: RecordDict, cfg: Mapping[str, Any]) -> dict[str, float]:
+def _report(mechanism: str, state: RecordDict, p: Params) -> dict[str, float]:
     releases = int(state[STATE_KEY]["releases"]) if STATE_KEY in state else 0
-    sens = sensitivity(cfg)
-    multiplier = noise_scale(mechanism, cfg) / sens if sens > 0 else math.inf
-    eps = epsilon_spent(mechanism, multiplier, releases, float(cfg["defense-dp-delta"]))
+    sens = sensitivity(p)
+    multiplier = noise_scale(mechanism, p) / sens if sens > 0 else math.inf
+    eps = epsilon_spent(mechanism, multiplier, releases, p.delta)
     return {"dp-releases": releases, "dp-epsilon": eps if math.isfinite(eps) else -1.0}
 
 
@@ -179,11 +202,18 @@ def apply_laplace(grads: list[torch.Tensor], ctx: StepContext) -> list[torch.Ten
     return _apply("laplace", grads, ctx)
 
 
-def report_gaussian(state: RecordDict, cfg: Mapping[str, Any]) -> dict[str, float]:
+def report_gaussian(state: RecordDict, p: Params) -> dict[str, float]:
     """``dp-releases`` and ``dp-epsilon`` (ε at ``defense-dp-delta``; -1 = unbounded) for ``dp-gaussian``."""
-    return _report("gaussian", state, cfg)
+    return _report("gaussian", state, p)
 
 
-def report_laplace(state: RecordDict, cfg: Mapping[str, Any]) -> dict[str, float]:
+def report_laplace(state: RecordDict, p: Params) -> dict[str, float]:
     """``dp-releases`` and ``dp-epsilon`` (ε at ``defense-dp-delta``; -1 = unbounded) for ``dp-laplace``."""
-    return _report("laplace", state, cfg)
+    return _report("laplace", state, p)
+
+
+METRICS = ("dp-releases", "dp-epsilon")
+GAUSSIAN = Defense("clip + Gaussian noise, (ε, δ) as Flower's LocalDpMod; RDP accountant", apply_gaussian, KEYS,
+                   Params, "defense-dp-", metrics=METRICS, report=report_gaussian)
+LAPLACE = Defense("L1 clip + Laplace noise (b = Δ/ε); RDP accountant", apply_laplace, KEYS, Params, "defense-dp-",
+                  metrics=METRICS, report=report_laplace)

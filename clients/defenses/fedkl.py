@@ -1,7 +1,7 @@
 """FedKL: each client keeps a private key and private lock layers; the server sees zeros in their place.
 
 Paper: Ren, Deng, Xie, Ma & Ma, "Gradient Leakage Defense with Key-Lock Module for Federated Learning",
-arXiv:2305.04095 (``Rand2AI/FedKL``). Models: ``lenet-kl`` and ``resnet20-kl`` (:mod:`fl_sim.fedkl_models`).
+arXiv:2305.04095 (``Rand2AI/FedKL``). Models: ``lenet-kl`` and ``resnet20-kl`` (:mod:`fl_sim.task.models.keylock`).
 
 Per client (``methods/FedKL.py``, ``utils/Client.py``):
 
@@ -14,7 +14,7 @@ Per client (``methods/FedKL.py``, ``utils/Client.py``):
 4. Before the reply is built the trained lock layers go back into ``Context.state`` and the key and lock tensors
    in the outgoing state dict are replaced by zeros (:func:`on_reply`). FedAvg over those zeros leaves zeros in
    the global model; clients overwrite them, and the strategy tells the attacker to ignore them
-   (``AttackPayload.ignored_keys``, from :func:`fl_sim.fedkl_models.private_state_keys`).
+   (``attack-skip-private``, from :func:`fl_sim.task.models.private_state_keys`).
 
 Parameters: none beyond the model choice (``model=lenet-kl`` or ``resnet20-kl``; key length 1024 as in the paper).
 
@@ -31,15 +31,14 @@ after the lock block leaks as usual (the representation leakage Soteria targets 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
-from clients.defenses.base import StepContext
-from fl_sim.fedkl_models import KeyLock, private_state_keys
+from clients.defenses.base import Defense, StepContext
+from fl_sim.task.models import KeyLock, private_state_keys
 
 STATE_KEY = "fedkl"
 
@@ -60,7 +59,7 @@ def _draw_secrets(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def on_model(model: nn.Module, state: RecordDict, config: Mapping[str, Any], seed: int) -> None:
+def on_model(model: nn.Module, state: RecordDict, params: Any, seed: int) -> None:
     """Overwrite the global key/lock tensors with this client's own (drawn from ``seed`` on first use).
 
     Raises:
@@ -75,8 +74,7 @@ def on_model(model: nn.Module, state: RecordDict, config: Mapping[str, Any], see
     model.load_state_dict(secrets, strict=False)
 
 
-def on_reply(state_dict: dict[str, torch.Tensor], state: RecordDict,
-             config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def on_reply(state_dict: dict[str, torch.Tensor], state: RecordDict, params: Any) -> dict[str, torch.Tensor]:
     """Keep the trained lock layers (and the key) in ``state``; send zeros in their place.
 
     Raises:
@@ -93,3 +91,7 @@ def on_reply(state_dict: dict[str, torch.Tensor], state: RecordDict,
 def apply(grads: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
     """Gradients are not changed (the lock is in the architecture)."""
     return grads
+
+
+DEFENSE = Defense("FedKL: private key-lock layers sent as zeros (Ren et al., arXiv'23)", apply,
+                  models=("lenet-kl", "resnet20-kl"), on_model=on_model, on_reply=on_reply)

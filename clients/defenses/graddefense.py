@@ -2,7 +2,7 @@
 
 Paper: Wang, Guo, Xie & Qi, "Protect Privacy from Gradient Leakage Attack in Federated Learning", IEEE INFOCOM 2022
 (``wangjunxiao/GradDefense``; seed 001 "Ours"). The server side — global update compensation by Marchenko–Pastur
-eigen-filtering — is :func:`strategies.compensation.graddefense_compensation`.
+eigen-filtering — is :func:`strategies.steps.graddefense.compensate`.
 
 Client side, on every local step's gradient (``P`` entries in parameter order):
 
@@ -43,18 +43,69 @@ slices move at random (seed 001: "Ours" vs the muted-layer attack).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from flwr.app import ConfigRecord
 
-from clients.defenses.base import StepContext, per_sample_gradients
-from fl_sim.data import to_tensor
+from clients.defenses.base import Defense, StepContext, per_sample_gradients
+from fl_sim.task.datasets import to_tensor
+from fl_sim.task.keys import ConfigError, Key
 
 STATE_KEY = "graddefense"
+
+#: GradDefense's keys: the client side (slices, noise, clipping, sensitivity) and the server's compensation
+#: (``strategies/steps/graddefense.py`` reads them from :class:`Params`; all public).
+KEYS = {
+    "defense-gd-slices": Key(10, "graddefense: number of slices S", low=1),
+    "defense-gd-perturb-slices": Key(5, "graddefense: slices perturbed per step M (<= S)", low=0),
+    "defense-gd-sigma": Key(0.1, "graddefense: std of the Gaussian noise on the perturbed slices", low=0),
+    "defense-gd-clip": Key(False, "graddefense: clip each sample's part of each perturbed slice (per-sample "
+                                  "gradients)"),
+    "defense-gd-clip-bound": Key(0.0, "graddefense: per-sample slice clipping bound (0 = sigma, as the paper's code)",
+                                 low=0),
+    "defense-gd-root-per-class": Key(5, "graddefense: root-set samples per class for the layer sensitivity", low=1),
+    "defense-gd-sensitivity-every": Key(50, "graddefense: recompute the sensitivity every N rounds (0 = once)",
+                                        low=0),
+    "defense-gd-compensation": Key(True, "graddefense: server-side Marchenko-Pastur compensation of the aggregate"),
+    "defense-gd-q": Key(6.0, "graddefense: aspect ratio Q = V/W of the compensation matrix", low=1),
+    "defense-gd-noise-variance": Key("mean", "graddefense: noise variance the compensation assumes: mean = of the "
+                                             "weighted mean (correct), sum = K(M/S)sigma^2 (the paper's code)",
+                                     choices=("mean", "sum")),
+    "defense-gd-reshape": Key("pad", "graddefense: V x W reshape: pad = zero-pad to W = floor(sqrt(P/Q)), "
+                                     "divisor = exact divisor of P (the paper's code)", choices=("pad", "divisor")),
+    "defense-gd-keep-below": Key(False, "graddefense: compensation also keeps eigenvectors below the noise bulk "
+                                        "(the paper's code)"),
+}
+
+
+@dataclass(frozen=True)
+class Params:
+    """GradDefense's parameters (the ``defense-gd-*`` keys, see the module docstring).
+
+    Raises:
+        ConfigError: ``perturb_slices > slices``.
+    """
+
+    slices: int
+    perturb_slices: int
+    sigma: float
+    clip: bool
+    clip_bound: float
+    root_per_class: int
+    sensitivity_every: int
+    compensation: bool
+    q: float
+    noise_variance: str
+    reshape: str
+    keep_below: bool
+
+    def __post_init__(self) -> None:
+        if self.perturb_slices > self.slices:
+            raise ConfigError(f"defense-gd-perturb-slices={self.perturb_slices} is not allowed; it must be "
+                              f"<= defense-gd-slices={self.slices}")
 
 
 def root_indices(labels: np.ndarray, partition: np.ndarray, per_class: int) -> np.ndarray:
@@ -136,7 +187,7 @@ def slice_mask(bounds: np.ndarray, chosen: torch.Tensor, total: int, device: tor
 
 def _sensitivities(ctx: StepContext) -> list[float]:
     """This client's cached sensitivities, recomputed on schedule (first round, then every N rounds)."""
-    every = int(ctx.config["defense-gd-sensitivity-every"])
+    every = ctx.params.sensitivity_every
     rec = ctx.state[STATE_KEY] if STATE_KEY in ctx.state else None
     fresh = rec is not None and len(rec["sensitivity"]) == len(ctx.names) and (
         every == 0 or ctx.server_round - int(rec["round"]) < every)
@@ -145,7 +196,7 @@ def _sensitivities(ctx: StepContext) -> list[float]:
     if ctx.data is None or ctx.partition is None:
         sens = [1.0] * len(ctx.names)  # no root set available: size-proportional slices
     else:
-        idx = root_indices(ctx.data.y_train, ctx.partition, int(ctx.config["defense-gd-root-per-class"]))
+        idx = root_indices(ctx.data.y_train, ctx.partition, ctx.params.root_per_class)
         device = ctx.x.device
         x = to_tensor(ctx.data.x_train[idx], ctx.data.mean, ctx.data.std, device)
         y = torch.as_tensor(ctx.data.y_train[idx], device=device)
@@ -196,12 +247,15 @@ def perturb(grads: list[torch.Tensor], bounds: np.ndarray, num_perturbed: int, s
 
 def apply(grads: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
     """Perturb M of S sensitivity-balanced slices of this step's gradient (see the module docstring)."""
-    cfg: Mapping[str, Any] = ctx.config
+    p: Params = ctx.params
     sens = _sensitivities(ctx)
-    bounds = slice_bounds([g.numel() for g in grads], sens, int(cfg["defense-gd-slices"]))
-    sigma = float(cfg["defense-gd-sigma"])
+    bounds = slice_bounds([g.numel() for g in grads], sens, p.slices)
     per_sample, bound = None, 0.0
-    if bool(cfg["defense-gd-clip"]):
+    if p.clip:
         per_sample = [g.detach() for g in per_sample_gradients(ctx)]
-        bound = float(cfg["defense-gd-clip-bound"]) or sigma
-    return perturb(grads, bounds, int(cfg["defense-gd-perturb-slices"]), sigma, ctx.generator, bound, per_sample)
+        bound = p.clip_bound or p.sigma
+    return perturb(grads, bounds, p.perturb_slices, p.sigma, ctx.generator, bound, per_sample)
+
+
+DEFENSE = Defense("GradDefense: noise on M of S sensitivity-balanced slices (Wang et al., INFOCOM'22); server "
+                  "compensation", apply, KEYS, Params, "defense-gd-")

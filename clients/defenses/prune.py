@@ -18,9 +18,24 @@ way; learned inversion ("Learning to invert", ICLR'23) breaks compression.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from clients.defenses.base import StepContext
+from clients.defenses.base import Defense, StepContext
+from fl_sim.task.keys import Key
+
+KEYS = {
+    "defense-prune-rate": Key(80.0, "prune: percent of each gradient tensor's entries zeroed (smallest magnitudes)",
+                              low=0, high=100),
+}
+
+
+@dataclass(frozen=True)
+class Params:
+    """``prune``'s parameters: ``rate`` (percent of each tensor's entries zeroed)."""
+
+    rate: float
 
 
 def percentile(values: torch.Tensor, rate: float) -> torch.Tensor:
@@ -65,4 +80,8 @@ def prune(grads: list[torch.Tensor], rate: float) -> list[torch.Tensor]:
 
 def apply(grads: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
     """Prune each step's gradient at ``defense-prune-rate`` percent (see :func:`prune`)."""
-    return prune(grads, float(ctx.config["defense-prune-rate"]))
+    return prune(grads, ctx.params.rate)
+
+
+DEFENSE = Defense("gradient compression: per-tensor magnitude pruning (DLG, NeurIPS'19)", apply, KEYS, Params,
+                  "defense-prune-")

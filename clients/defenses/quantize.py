@@ -15,11 +15,23 @@ sign pattern and the label still leak (iDLG's rule reads signs).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from clients.defenses.base import StepContext
+from clients.defenses.base import Defense, StepContext
+from fl_sim.task.keys import Key
 
 FORMATS = ("float16", "bfloat16", "int8")
+
+KEYS = {"defense-quantize-format": Key("int8", "quantize: format the gradient is cast through", choices=FORMATS)}
+
+
+@dataclass(frozen=True)
+class Params:
+    """``quantize``'s parameters: ``format``, one of :data:`FORMATS`."""
+
+    format: str
 
 
 def quantize(grads: list[torch.Tensor], fmt: str) -> list[torch.Tensor]:
@@ -42,4 +54,8 @@ def quantize(grads: list[torch.Tensor], fmt: str) -> list[torch.Tensor]:
 
 def apply(grads: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
     """Quantize each step's gradient to ``defense-quantize-format``."""
-    return quantize(grads, str(ctx.config["defense-quantize-format"]))
+    return quantize(grads, ctx.params.format)
+
+
+DEFENSE = Defense("cast gradients to float16/bfloat16/int8 and back (DLG, NeurIPS'19)", apply, KEYS, Params,
+                  "defense-quantize-")

@@ -35,14 +35,31 @@ flips scores (hence ``|r|`` by default).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from clients.defenses.base import StepContext
+from clients.defenses.base import Defense, StepContext
 from clients.defenses.prune import percentile
-from fl_sim.models import classifier_layer
+from fl_sim.task.keys import Key
+from fl_sim.task.models import classifier_layer
+
+KEYS = {
+    "defense-soteria-rate": Key(70.0, "soteria: percent of the FC layer's input features pruned", low=0, high=100),
+    "defense-soteria-eps": Key(0.1, "soteria: epsilon in the score's denominator ||dr/dx|| / (r + eps)", low=0),
+    "defense-soteria-signed": Key(False, "soteria: divide by the signed r as the public code does (default |r|)"),
+}
+
+
+@dataclass(frozen=True)
+class Params:
+    """Soteria's parameters: ``rate`` (percent of features pruned), ``eps``, ``signed`` (see the module docstring)."""
+
+    rate: float
+    eps: float
+    signed: bool
 
 #: Features per backward pass at most.
 CHUNK = 128
@@ -167,12 +184,15 @@ def defended_index(model: nn.Module) -> int:
 
 def apply(grads: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
     """Mask the columns of the classifier weight's gradient by Soteria's feature scores on this step's batch."""
-    rate = float(ctx.config["defense-soteria-rate"])
+    p: Params = ctx.params
     norms, r = jacobian_norms(ctx.model, ctx.x)
-    score = scores(norms, r, float(ctx.config["defense-soteria-eps"]), bool(ctx.config["defense-soteria-signed"]))
-    mask = feature_mask(score, rate)
+    mask = feature_mask(scores(norms, r, p.eps, p.signed), p.rate)
     i = defended_index(ctx.model)
     out = list(grads)
     out[i] = grads[i] * mask.to(grads[i].dtype)[None, :]
     ctx.info["soteria-pruned"] = float(np.round(1.0 - float(mask.mean()), 6))
     return out
+
+
+DEFENSE = Defense("Soteria/PLD: prune the FC input representation (Sun et al., CVPR'21)", apply, KEYS, Params,
+                  "defense-soteria-", metrics=("soteria-pruned",))

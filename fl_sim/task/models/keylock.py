@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fl_sim.task.models.common import flat_size
+
 #: Key length of the paper's code (``config.json`` ``KEY_LENGTH``).
 KEY_DIM = 1024
 
@@ -60,7 +62,7 @@ def private_state_keys(model: nn.Module) -> tuple[str, ...]:
 
 
 class LeNetKL(nn.Module):
-    """The DLG LeNet (:class:`fl_sim.models.LeNet`, tanh, 3 convs of 12 channels, ``fc``) with a key-locked conv1.
+    """The DLG LeNet (:class:`fl_sim.task.models.lenet.LeNet`, tanh, 3 convs of 12 channels, ``fc``) with a key-locked conv1.
 
     Args:
         input_shape: ``(C, H, W)``.
@@ -69,8 +71,6 @@ class LeNetKL(nn.Module):
     """
 
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, key_dim: int = KEY_DIM):
-        from fl_sim.models import _flat_size
-
         super().__init__()
         c = input_shape[0]
         self.features = nn.Sequential(
@@ -78,7 +78,7 @@ class LeNetKL(nn.Module):
             nn.Conv2d(12, 12, 5, stride=2, padding=2), nn.Tanh(),
             nn.Conv2d(12, 12, 5, stride=1, padding=2), nn.Tanh(),
         )
-        self.fc = nn.Linear(_flat_size(self.features.eval(), input_shape), num_classes)
+        self.fc = nn.Linear(flat_size(self.features.eval(), input_shape), num_classes)
         self.features.train()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

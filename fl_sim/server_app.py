@@ -1,7 +1,8 @@
 """The Flower ServerApp: FedAvg with an honest-but-curious attacker, central evaluation, and the run directory.
 
 ``flwr run .`` loads :data:`app`; ``fl-sim run`` runs the same :func:`run_server` in-process on Flower's
-simulation engine. Both read every setting from the run config (``context.run_config``).
+simulation engine. Both read every setting from the run config (``context.run_config``), resolved against the
+whole key table (:mod:`fl_sim.config`), and drive the one server side, :class:`strategies.strategy.CuriousFedAvg`.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from flwr.app import ArrayRecord, Context, Message
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fl_sim.config import ConfigError, resolve
-from fl_sim.data import load_dataset
-from fl_sim.models import build_model
+from flwr.superlink.grid import InMemoryGrid
+
+from fl_sim.config import ConfigError, resolve, specs
 from fl_sim.report import write_run_report
 from fl_sim.results import RunRecorder, read_metrics, run_dir_for, summarize, write_summary
+from fl_sim.task.datasets import load_dataset
+from fl_sim.task.models import build_model
 from strategies.checkpoint import RoundOffset, checkpointing, load_checkpoint, restore, save_checkpoint, truncate_metrics
-from strategies.strategy import CuriousFedAvg, train_config
+from strategies.strategy import CuriousFedAvg
 
 app = ServerApp()
 
@@ -83,8 +86,6 @@ def reply_poll_s(grid: Grid) -> float:
     machine, pulling every 0.1–0.25 s instead cut a round from 9.9 s to 6.6–7.7 s (``benchmarks/bench_deploy.py``,
     docs/deployment.md); polling much faster only burns CPU on the SuperLink.
     """
-    from flwr.superlink.grid import InMemoryGrid
-
     return 0.05 if isinstance(grid, InMemoryGrid) else 0.25
 
 
@@ -146,8 +147,9 @@ def run_server(grid: Grid, cfg: Mapping[str, Any], on_round: Callable[[dict[str,
         ResumeError: ``resume`` and the run directory has no usable checkpoint.
     """
     grid = StoppableGrid(grid, stop or (lambda: False), poll_s=reply_poll_s(grid))
-    seed_everything(int(cfg["seed"]))
-    data = load_dataset(str(cfg["dataset"]), str(cfg["data-dir"]))
+    spec = specs(cfg).server
+    seed_everything(spec.task.seed)
+    data = load_dataset(spec.task.dataset, spec.task.data_dir)
     if resume:
         run_dir = run_dir_for(cfg)
         ckpt = load_checkpoint(run_dir)
@@ -160,16 +162,16 @@ def run_server(grid: Grid, cfg: Mapping[str, Any], on_round: Callable[[dict[str,
     log(INFO, "fl-sim: writing results to %s%s", run_dir, f" (resuming after round {done})" if resume else "")
     start, status = time.time() - elapsed, "failed"
     try:
-        wait_for_nodes(grid, int(cfg["num-supernodes"]), float(cfg["node-timeout"]))
-        model = build_model(str(cfg["model"]), data.input_shape, data.num_classes)
-        strategy = CuriousFedAvg(cfg, data, recorder, on_round=on_round, stop=stop)
+        wait_for_nodes(grid, spec.task.num_supernodes, spec.server.node_timeout)
+        model = build_model(spec.task.model, data.input_shape, data.num_classes)
+        strategy = CuriousFedAvg(spec, data, recorder, on_round=on_round, stop=stop)
         initial = restore(ckpt, strategy) if ckpt is not None else ArrayRecord(model.state_dict())
         evaluate_fn = checkpointing(
             strategy.evaluate_round, done,
             lambda rnd, arrays: save_checkpoint(run_dir, rnd, arrays, strategy, time.time() - start))
         runner = RoundOffset(strategy, done) if done else strategy
-        runner.start(grid=grid, initial_arrays=initial, num_rounds=int(cfg["num-server-rounds"]) - done,
-                     timeout=float(cfg["round-timeout"]), train_config=train_config(cfg), evaluate_fn=evaluate_fn)
+        runner.start(grid=grid, initial_arrays=initial, num_rounds=spec.server.num_server_rounds - done,
+                     timeout=spec.server.round_timeout, evaluate_fn=evaluate_fn)
         status = "completed"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -199,8 +201,6 @@ def check_simulation_gpus(cfg: Mapping[str, Any]) -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run``: resolve the run config and run the federation."""
-    from flwr.superlink.grid import InMemoryGrid
-
     cfg = resolve(context.run_config)
     if isinstance(grid, InMemoryGrid):  # simulation runtime: clients run on this machine
         check_simulation_gpus(cfg)

@@ -4,7 +4,7 @@ It is the only component that sees ground truth. The truth reaches it through th
 to its reply (the partition id and the indices of the samples it trained on), which the server strategy strips
 from the reply before it builds the attacker's :class:`~attacker.payload.AttackPayload`. The evaluator rebuilds the
 images from the dataset the run uses, de-normalises the reconstruction to [0, 1] and calls
-:func:`attacker.metrics.score` (Hungarian matching, MSE/PSNR/SSIM with scikit-image, label accuracy).
+:func:`strategies.metrics.score` (Hungarian matching, MSE/PSNR/SSIM with scikit-image, label accuracy).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from attacker.metrics import match, score
 from attacker.payload import AttackResult
-from fl_sim.data import Dataset, denormalize
+from fl_sim.task.contract import SAMPLE_INDICES
+from fl_sim.task.datasets import Dataset, denormalize
+from strategies.metrics import match, score
 
 
 def truth_from_audit(data: Dataset, audit: Mapping[str, Any], limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -31,7 +32,7 @@ def truth_from_audit(data: Dataset, audit: Mapping[str, Any], limit: int | None 
     Returns:
         ``float32 (N, C, H, W)`` images in [0, 1] and ``int64 (N,)`` labels.
     """
-    idx = list(dict.fromkeys(int(i) for i in audit["sample-indices"]))
+    idx = list(dict.fromkeys(int(i) for i in audit[SAMPLE_INDICES]))
     if limit is not None:
         idx = idx[:limit]
     images = data.x_train[idx].astype(np.float32).transpose(0, 3, 1, 2) / 255.0
@@ -42,7 +43,7 @@ def score_reconstruction(data: Dataset, result: AttackResult, audit: Mapping[str
     """Score ``result`` against the samples named in ``audit``.
 
     Returns:
-        ``psnr``, ``ssim``, ``mse``, ``label_accuracy`` (see :func:`attacker.metrics.score`), plus
+        ``psnr``, ``ssim``, ``mse``, ``label_accuracy`` (see :func:`strategies.metrics.score`), plus
         ``reconstruction`` and ``truth`` — ``float32 (B, C, H, W)`` arrays in [0, 1], the truth reordered to match
         the reconstruction — for figures.
     """

@@ -1,6 +1,6 @@
 """Image-similarity metrics on de-normalised ``[0, 1]`` images (scikit-image), and batch matching.
 
-Conventions (see ``shared/reference/attacks.md`` §11): images are de-normalised and clamped to [0, 1] *before*
+Conventions: images are de-normalised and clamped to [0, 1] *before*
 scoring (IG and Plato score normalised tensors, which inflates PSNR); PSNR is ``10·log10(1/MSE)`` per image, then
 averaged; SSIM is the standard (Wang et al. 2004) SSIM of ``skimage.metrics.structural_similarity`` with
 ``data_range=1`` — not breaching's CW-SSIM; a batch is matched to the truth by a Hungarian assignment on MSE

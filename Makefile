@@ -20,6 +20,7 @@ run: $(STAMP)
 	$(BIN)/fl-sim run $(ARGS)
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # The same apps through Flower's own CLI (a local SuperLink with the simulation runtime). Flower would otherwise

@@ -38,6 +38,8 @@ class Attack:
         check: optional ``(model, task) -> None`` raising ``ValueError`` when the attack cannot run with this
             model and task (called before a run starts, so the error is a one-line ConfigError, not a crash).
         keys: run-config keys the attack owns besides the shared :data:`attacker.options.KEYS`.
+        example: run keys of a small setting the attack applies to (the registry test runs every attack there,
+            e.g. R-GAP on ``fcn3``).
     """
 
     run: Callable[[AttackPayload, Budget, AttackOptions | None], AttackResult]
@@ -45,6 +47,7 @@ class Attack:
     summary: str
     check: Callable[[nn.Module, TaskConfig], None] | None = None
     keys: Mapping[str, Key] = field(default_factory=dict)
+    example: Mapping[str, Any] = field(default_factory=dict)
 
     def threat_for(self, options: AttackOptions) -> ThreatModel:
         """The threat model of this attack with these options (denoising needs the defense's public parameters)."""
@@ -60,10 +63,11 @@ ATTACKS.register("idlg", Attack(dlg.idlg, SERVER_CONFIG,
 ATTACKS.register("ig", Attack(ig.ig, SERVER_CONFIG,
                               "Inverting Gradients (Geiping et al. 2020): cosine + TV, signed Adam, box"))
 ATTACKS.register("rgap", Attack(rgap.rgap, SERVER_CONFIG, "R-GAP (Zhu & Blaschko 2021): closed-form recursive "
-                                                          "inversion, conv/FC nets without pooling", rgap.check))
+                                                          "inversion, conv/FC nets without pooling", rgap.check,
+                                example={"model": "fcn3"}))
 ATTACKS.register("ig-fedavg", Attack(ig.ig_fedavg, SERVER_CONFIG, "Inverting Gradients on multi-step updates: "
                                                                   "unrolls the K local SGD steps the server set",
-                                     ig.check_fedavg))
+                                     ig.check_fedavg, example={"mode": "fedavg", "local-steps": 2}))
 
 #: The key that chooses the attack, and the keys of its :class:`Budget`.
 ATTACK_KEY = {"attack": Key("idlg", "gradient-inversion attack the server runs", choices=lambda: list(ATTACKS))}

@@ -2,7 +2,7 @@
 
 :class:`AttackOptions` is the third argument of every registered attack (``run(payload, budget, options)``), next
 to :class:`~attacker.payload.Budget` (how much work). The adaptive knobs exist to judge defenses honestly — an
-attacker who knows which defense a client runs adapts to it (see ``shared/reference/defenses.md``):
+attacker who knows which defense a client runs adapts to it:
 
 * **ignore / weight layers** — leave chosen parameters out of the matching loss, or weight them. Leaving the
   defended fully-connected layer out (``ignore_layers=("fc",)``) is the "PLD-muted" attack of the GradDefense talk

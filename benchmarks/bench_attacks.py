@@ -32,12 +32,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attacker import ATTACKS, AttackOptions, Budget  # noqa: E402
-from attacker.metrics import psnr  # noqa: E402
 from fl_sim.audit import fedsgd_payload  # noqa: E402
-from fl_sim.data import DATASET_STATS, denormalize, to_tensor  # noqa: E402
+from fl_sim.task.datasets import DATASETS, denormalize, to_tensor  # noqa: E402
+from strategies.metrics import psnr  # noqa: E402
 
 TARGET_DB = 40.0
-MEAN, STD = DATASET_STATS["cifar10"]
+MEAN, STD = DATASETS["cifar10"].mean, DATASETS["cifar10"].std
 
 
 def photo() -> np.ndarray:

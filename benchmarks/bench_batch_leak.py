@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attacker import ATTACKS, Budget  # noqa: E402
-from attacker.metrics import score  # noqa: E402
 from fl_sim.audit import fedsgd_payload  # noqa: E402
-from fl_sim.data import denormalize, load_dataset, to_tensor  # noqa: E402
+from fl_sim.task.datasets import denormalize, load_dataset, to_tensor  # noqa: E402
+from strategies.metrics import score  # noqa: E402
 
 
 def one(attack: str, model: str, batch: int, seed: int) -> dict[str, float]:

@@ -23,14 +23,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attacker import ATTACKS, Budget  # noqa: E402
-from attacker.metrics import psnr  # noqa: E402
 from clients.client_app import client_seed  # noqa: E402
 from clients.training import batch_schedule  # noqa: E402
 from fl_sim.audit import fedsgd_payload  # noqa: E402
-from fl_sim.config import resolve  # noqa: E402
-from fl_sim.data import denormalize, load_dataset, partitions, to_tensor  # noqa: E402
-from fl_sim.models import build_model, evaluate  # noqa: E402
-from strategies.strategy import lr_at  # noqa: E402
+from fl_sim.config import resolve, specs  # noqa: E402
+from fl_sim.task.datasets import denormalize, load_dataset, to_tensor  # noqa: E402
+from fl_sim.task.models import build_model, evaluate  # noqa: E402
+from fl_sim.task.partition import partitions  # noqa: E402
+from strategies.metrics import psnr  # noqa: E402
 
 
 def plain_loop(cfg: dict) -> tuple[float, float]:
@@ -43,16 +43,17 @@ def plain_loop(cfg: dict) -> tuple[float, float]:
     torch.manual_seed(cfg["seed"])
     glob = build_model(cfg["model"], data.input_shape, data.num_classes)
     local = build_model(cfg["model"], data.input_shape, data.num_classes)
+    run = specs(cfg).server  # the server's lr schedule and the train config it sends
     acc = 0.0
     for rnd in range(1, cfg["num-server-rounds"] + 1):
-        lr = lr_at(cfg, rnd)
+        train_config = run.task.train_config(run.server.lr_at(cfg["lr"], rnd), rnd)
+        lr = train_config.lr
         total = {k: torch.zeros_like(v) for k, v in glob.state_dict().items()}
         weight = 0
         for pid, part in enumerate(parts):
             local.load_state_dict(glob.state_dict())
             rng = np.random.default_rng(client_seed(cfg["seed"], rnd, pid))
-            for idx in batch_schedule(part, cfg["mode"], cfg["batch-size"], cfg["local-steps"], cfg["local-epochs"],
-                                      rng):
+            for idx in batch_schedule(part, train_config, rng):
                 x = to_tensor(data.x_train[idx], data.mean, data.std)
                 y = torch.as_tensor(data.y_train[idx])
                 loss = torch.nn.functional.cross_entropy(local(x), y)

@@ -154,7 +154,8 @@ def check_attack_with_model(cfg: Mapping[str, Any], model: torch.nn.Module) -> N
 
 
 def check_model(cfg: Mapping[str, Any], input_shape: tuple[int, int, int], num_classes: int) -> torch.nn.Module:
-    """Build the configured model for ``input_shape`` and run one zero input through it.
+    """Build the configured model for ``input_shape`` and run one zero input through it in eval mode (so that
+    BatchNorm's running statistics stay as built), leaving it in train mode.
 
     Raises:
         ConfigError: the model cannot take these inputs.
@@ -162,7 +163,8 @@ def check_model(cfg: Mapping[str, Any], input_shape: tuple[int, int, int], num_c
     try:
         model = build_model(str(cfg["model"]), input_shape, num_classes)
         with torch.no_grad():
-            model(torch.zeros(1, *input_shape))
+            model.eval()(torch.zeros(1, *input_shape))
+        model.train()
     except Exception as exc:  # a model that cannot take this input shape
         raise ConfigError(f"model={cfg['model']!r} does not accept {cfg['dataset']} inputs {input_shape}: "
                           f"{exc}") from exc

@@ -14,6 +14,7 @@ and the one-shot audit alike (:meth:`CuriousFedAvg.aggregate_train`):
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -67,13 +68,19 @@ class CuriousFedAvg(FedAvg):
                  on_round: Callable[[dict[str, Any]], None] | None = None,
                  stop: Callable[[], bool] | None = None):
         server = spec.server
-        super().__init__(
-            fraction_train=server.fraction_train,
-            fraction_evaluate=server.fraction_evaluate,
-            min_train_nodes=1,
-            min_evaluate_nodes=1 if server.fraction_evaluate > 0 else 0,
-            min_available_nodes=1,  # run_server waits for all n at the start; never wait for a lost node
-        )
+        flwr_log = logging.getLogger("flwr")
+        level = flwr_log.level
+        flwr_log.setLevel(logging.ERROR)  # FedAvg warns on every start that fraction_evaluate=0 skips evaluation
+        try:
+            super().__init__(
+                fraction_train=server.fraction_train,
+                fraction_evaluate=server.fraction_evaluate,
+                min_train_nodes=1,
+                min_evaluate_nodes=1 if server.fraction_evaluate > 0 else 0,
+                min_available_nodes=1,  # run_server waits for all n at the start; never wait for a lost node
+            )
+        finally:
+            flwr_log.setLevel(level)
         self.spec = spec
         self.data = data
         self.recorder = recorder

@@ -36,6 +36,6 @@ def make_message(content, src_node_id: int = 1, message_type: str = "train", rep
 @pytest.fixture(scope="session")
 def fmnist():
     """The embedded Fashion-MNIST subset."""
-    from fl_sim.data import load_dataset
+    from fl_sim.task.datasets import load_dataset
 
     return load_dataset("fashion-mnist")

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from attacker import ATTACKS, AttackOptions, Budget, matching
-from attacker.metrics import score
 from attacker.options import parse_layer_weights
-from fl_sim.config import ConfigError, check_feasible, resolve
 from fl_sim.audit import fedsgd_payload as reference_payload
-from fl_sim.data import denormalize, to_tensor
+from fl_sim.config import ConfigError, check_feasible, resolve
+from fl_sim.task.datasets import denormalize, to_tensor
+from strategies.metrics import score
 
 LR = 0.1
 

@@ -1,5 +1,5 @@
-"""``fl-sim attack``: the one-shot audit writes attack.json and reconstruction.png, runs the defense and its
-server-side step, and fails with exit code 2 and one line on bad input."""
+"""``fl-sim attack``: the one-shot audit writes attack.json and reconstruction.png, runs the defense (the attack
+sees the raw update) and then its server-side step, and fails with exit code 2 and one line on bad input."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clients import defenses
-from clients.defenses.base import Defense
+from clients.defenses import DEFENSES, Defense
 from fl_sim.cli import cli
-from strategies import compensation
+from strategies.steps import SERVER_STEPS
 
 runner = CliRunner()
 
@@ -50,26 +49,43 @@ def test_image_file_audit_resizes_to_the_model_input(tmp_path):
     assert json.loads((tmp_path / "c" / "attack.json").read_text())["input_shape"] == [1, 28, 28]
 
 
-def test_defense_and_its_server_step_are_applied(tmp_path, monkeypatch):
+@pytest.fixture
+def zero_fc_defense():
+    """A temporary defense that withholds the classifier layer's weight gradient, and a server step that counts its
+    calls (``calls`` holds the number of replies of each call)."""
     calls = []
 
-    def zero_fc(grads, ctx):  # a defense that withholds the classifier layer's weight gradient
+    def zero_fc(grads, ctx):
         return [torch.zeros_like(g) if n == "fc.weight" else g for n, g in zip(ctx.names, grads)]
 
-    def server_step(arrays, replies, sent, cfg):
+    def server_step(arrays, replies, sent, params):
         calls.append(len(replies))
         return arrays
 
-    monkeypatch.setitem(defenses.DEFENSES, "zero-fc", Defense(zero_fc, "test"))
-    monkeypatch.setitem(compensation.SERVER_STEPS, "zero-fc", server_step)
+    DEFENSES.register("zero-fc", Defense("test: zero the fc weight gradient", zero_fc))
+    try:
+        SERVER_STEPS.register("zero-fc", server_step)
+        try:
+            yield calls
+        finally:
+            SERVER_STEPS.unregister("zero-fc")
+    finally:
+        DEFENSES.unregister("zero-fc")
+
+
+def test_defense_and_its_server_step_are_applied(tmp_path, zero_fc_defense):
+    calls = zero_fc_defense
     args = ["--attack", "idlg", "--model", "lenet", "--dataset", "fashion-mnist", "--index", 11, "--defense",
             "zero-fc", "attack-iterations=40"]
     res = invoke(*args, "--out", tmp_path / "d")
     assert res.exit_code == 0, res.output
     plain = json.loads((tmp_path / "d" / "attack.json").read_text())
-    assert calls == [1] and plain["server_step"] is True
+    assert calls == [1]  # the server step ran once, on the one reply (after the attack)
+    assert plain["defense"] == "zero-fc"
     res = invoke(*args, "--out", tmp_path / "e", "attack-ignore-layers=fc.weight")
+    assert res.exit_code == 0, res.output
     muted = json.loads((tmp_path / "e" / "attack.json").read_text())
+    assert calls == [1, 1]
     assert plain["psnr"] < 20 < 30 < muted["psnr"]
 
 

@@ -12,9 +12,9 @@ import torch
 
 from attacker import ATTACKS, Budget, update_to_gradient
 from attacker.labels import batch_labels, classifier_gradients, idlg_label
-from attacker.metrics import score
 from fl_sim.audit import fedsgd_payload
-from fl_sim.data import denormalize, to_tensor
+from fl_sim.task.datasets import denormalize, to_tensor
+from strategies.metrics import score
 
 
 def make_payload(model_name, ds, idx, lr=0.1, seed=0):

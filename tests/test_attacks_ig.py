@@ -10,9 +10,10 @@ import torch.nn.functional as F
 
 from attacker import ATTACKS, AttackOptions, AttackPayload, Budget
 from attacker.ig import box, label_orders, step_plan, total_variation
-from attacker.metrics import score
-from fl_sim.data import denormalize, to_tensor
-from fl_sim.models import build_model
+from fl_sim.task.contract import TrainConfig
+from fl_sim.task.datasets import denormalize, to_tensor
+from fl_sim.task.models import build_model
+from strategies.metrics import score
 
 
 def _score(ds, result, x, y):
@@ -35,9 +36,9 @@ def local_sgd_payload(ds, idx, steps, batch, lr=0.15, model_name="lenet-tanh", s
                 p.sub_(lr * g)
     update = {n: p.detach() - state[n] for n, p in model.named_parameters()}
     mode = "fedsgd" if steps == 1 else "fedavg"
-    cfg = {"mode": mode, "lr": lr, "batch-size": batch, "local-steps": steps if steps > 1 else 0}
+    train_config = TrainConfig(mode, lr, batch, local_steps=steps if steps > 1 else 0)
     payload = AttackPayload(model_name, ds.input_shape, ds.num_classes, ds.mean, ds.std, state, update,
-                            batch if steps == 1 else 500, cfg)
+                            batch if steps == 1 else 500, train_config)
     return payload, to_tensor(ds.x_train[idx], ds.mean, ds.std), torch.as_tensor(ds.y_train[idx])
 
 
@@ -78,8 +79,7 @@ def test_total_variation_is_the_anisotropic_mean():
 
 
 def test_step_plan_and_label_orders():
-    cfg = {"mode": "fedavg", "lr": 0.1, "batch-size": 2, "local-steps": 3}
-    p = AttackPayload("lenet", (1, 28, 28), 10, (0.5,), (0.5,), {}, {}, 4, cfg)
+    p = AttackPayload("lenet", (1, 28, 28), 10, (0.5,), (0.5,), {}, {}, 4, TrainConfig("fedavg", 0.1, 2, 3))
     num, b, steps = step_plan(p)
     assert (num, b) == (4, 2) and steps == [[0, 1], [2, 3], [0, 1]]  # 6 slots over 4 images: reused
     orders = label_orders([1, 1, 2, 5], steps, 24, 0)

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from attacker.labels import LABEL_METHODS, recover_labels
-from attacker.metrics import label_accuracy
-from fl_sim.data import to_tensor
-from fl_sim.models import build_model
+from fl_sim.task.datasets import to_tensor
+from fl_sim.task.models import build_model
+from strategies.metrics import label_accuracy
 
 
 def mean_accuracy(ds, model_name, batch, method, draws=10):

@@ -11,12 +11,12 @@ import torch
 from typer.testing import CliRunner
 
 from attacker import ATTACKS, Budget
-from attacker.metrics import score
 from attacker.rgap import network_layers, rank_analysis
 from fl_sim.audit import fedsgd_payload
 from fl_sim.cli import cli
-from fl_sim.data import DATASET_STATS, denormalize, to_tensor
-from fl_sim.models import build_model
+from fl_sim.task.datasets import DATASETS, denormalize, to_tensor
+from fl_sim.task.models import build_model
+from strategies.metrics import score
 
 
 def payload_for(model_name, x, y, mean, std, seed=0, lr=0.1):
@@ -31,7 +31,7 @@ def _score(result, x, y, mean, std):
 def test_rgap_recovers_a_photo_exactly_on_cnn6():
     from skimage import data, transform
 
-    mean, std = DATASET_STATS["cifar10"]
+    mean, std = DATASETS["cifar10"].mean, DATASETS["cifar10"].std
     img = (transform.resize(data.chelsea(), (32, 32), anti_aliasing=True) * 255).round().astype(np.uint8)[None]
     x, y = to_tensor(img, mean, std), torch.tensor([3])
     result = ATTACKS["rgap"].run(payload_for("cnn6", x, y, mean, std), Budget())

@@ -14,8 +14,13 @@ from flwr.app import RecordDict
 
 from clients.defenses import DEFENSES, StepContext, dp, graddefense, per_sample_gradients, prune, quantize, soteria
 from fl_sim.config import resolve
-from fl_sim.data import to_tensor
-from fl_sim.models import build_model
+from fl_sim.task.datasets import to_tensor
+from fl_sim.task.models import build_model
+
+
+def params_of(defense, **overrides):
+    """The parameter object of ``defense`` for the run config ``overrides`` (checked as a run would be)."""
+    return DEFENSES[defense].configure(resolve({"defense": defense, **overrides}))
 
 
 def step_context(fmnist, model_name="lenet-tanh", batch=2, seed=0, **overrides):
@@ -25,7 +30,8 @@ def step_context(fmnist, model_name="lenet-tanh", batch=2, seed=0, **overrides):
     y = torch.as_tensor(fmnist.y_train[:batch])
     grads = list(torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters())))
     cfg = resolve({"model": model_name, **overrides})
-    ctx = StepContext(model, [n for n, _ in model.named_parameters()], x, y, F.cross_entropy, cfg, RecordDict(),
+    params = DEFENSES[cfg["defense"]].configure(cfg)
+    ctx = StepContext(model, [n for n, _ in model.named_parameters()], x, y, F.cross_entropy, params, RecordDict(),
                       torch.Generator().manual_seed(seed), data=fmnist, partition=np.arange(500))
     return grads, ctx
 
@@ -49,7 +55,7 @@ def test_gaussian_noise_std_matches_formula(fmnist):
     # σ = Δ·sqrt(2 ln(1.25/δ))/ε, Δ = C = 1, ε = 10, δ = 1e-5 → 0.4845. On 13,426 entries × 10 draws the sample std
     # has a relative standard error of 1/sqrt(2·134,260) ≈ 0.2 %; tolerance 1.5 %.
     sigma = 1.0 * math.sqrt(2 * math.log(1.25 / 1e-5)) / 10.0
-    assert math.isclose(dp.noise_scale("gaussian", resolve({})), sigma)
+    assert math.isclose(dp.noise_scale("gaussian", params_of("dp-gaussian")), sigma)
     grads, ctx = step_context(fmnist, **{"defense": "dp-gaussian"})
     clipped = dp.clip(grads, 1.0)
     diffs = []
@@ -79,8 +85,9 @@ def test_laplace_noise_scale_and_l1_clip(fmnist):
 
 
 def test_direct_noise_scale_overrides_epsilon():
-    assert dp.noise_scale("gaussian", resolve({"defense-dp-noise": 0.03})) == 0.03
-    assert dp.noise_scale("laplace", resolve({"defense-dp-epsilon": 4.0, "defense-dp-sensitivity": 2.0})) == 0.5
+    assert dp.noise_scale("gaussian", params_of("dp-gaussian", **{"defense-dp-noise": 0.03})) == 0.03
+    assert dp.noise_scale("laplace", params_of("dp-laplace", **{"defense-dp-epsilon": 4.0,
+                                                                "defense-dp-sensitivity": 2.0})) == 0.5
 
 
 def test_accountant_composes_and_beats_basic_composition():

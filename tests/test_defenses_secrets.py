@@ -11,9 +11,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from clients.client_app import app, client_seed
 from conftest import make_message
 from fl_sim.config import resolve
-from fl_sim.data import to_tensor
-from fl_sim.fedkl_models import private_state_keys
-from fl_sim.models import build_model
+from fl_sim.task.datasets import to_tensor
+from fl_sim.task.models import build_model, private_state_keys
 
 PUBLIC_METRICS = {"num-examples", "train-loss", "train-time-s", "defense-time-s", "dp-releases", "dp-epsilon",
                   "soteria-pruned"}
@@ -130,18 +129,41 @@ def test_fedkl_needs_a_key_lock_model():
     with pytest.raises(ConfigError, match="model='lenet-tanh' is not allowed with defense='fedkl'"):
         resolve({"defense": "fedkl"})
     with pytest.raises(ConfigError, match="defense-gd-perturb-slices=11"):
-        resolve({"defense-gd-perturb-slices": 11})
+        resolve({"defense": "graddefense", "defense-gd-perturb-slices": 11})
 
 
-def test_attacker_is_told_to_ignore_lock_keys(tmp_path, fmnist):
+@pytest.mark.parametrize("skip", [True, False])
+def test_attacker_leaves_the_lock_layers_out(tmp_path, fmnist, skip):
+    """FedKL's lock layers arrive as zeros; the attack (``attack-skip-private``, default on) matches every other
+    trainable parameter and none of them. The payload itself holds no list of client keys."""
+    from attacker.matching import prepare
+    from fl_sim.config import specs
     from fl_sim.results import RunRecorder
+    from fl_sim.task.contract import TrainConfig
     from strategies.strategy import CuriousFedAvg
     from test_strategy import reply
 
     cfg = resolve({"defense": "fedkl", "model": "lenet-kl", "num-supernodes": 3, "out-dir": str(tmp_path),
-                   "run-name": "r"})
-    strat = CuriousFedAvg(cfg, fmnist, RunRecorder(tmp_path / "r", cfg))
+                   "run-name": "r", "attack-skip-private": skip})
+    strat = CuriousFedAvg(specs(cfg).server, fmnist, RunRecorder(tmp_path / "r", cfg))
     state = strat.eval_model.state_dict()
-    strat._sent = {"state": state, "config": {"mode": "fedsgd", "lr": 0.1, "batch-size": 1}}
-    payload = strat.payload(1, reply(state, 1, 0))
-    assert set(payload.ignored_keys) == set(private_state_keys(strat.eval_model)) and payload.ignored_keys
+    private = private_state_keys(strat.eval_model)
+    strat.begin_round(1, ArrayRecord(state), TrainConfig("fedsgd", 0.1, 1, server_round=1), {1: 0})
+    g = torch.Generator().manual_seed(0)
+    sent = {k: torch.zeros_like(v) if k in private else
+            (v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone())
+            for k, v in state.items()}
+    payload = strat.attack_payload(reply(sent, 1, 0))
+    assert not any("ignored" in k or "private" in k for k in vars(payload))
+    options = strat.spec.attack.options
+    assert options.skip_private is skip
+    model = payload.build_model()
+    target = prepare(payload, model, options)
+    matched = {target.names[target.needed[j]] for j in target.active}
+    names = set(target.names)
+    lock_params = names & set(private)
+    assert lock_params and len(lock_params) == len(private) - 1  # the key is a buffer, not matched anyway
+    if skip:
+        assert matched == names - lock_params
+    else:
+        assert matched == names

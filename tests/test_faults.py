@@ -17,9 +17,10 @@ from clients.client_app import drops_out
 from conftest import make_message
 from fl_sim.config import ConfigError, resolve
 from fl_sim.deployment import ProcessTracker
-from fl_sim.models import build_model
-from strategies.faults import check_reply, expected_arrays, sample_partitions, short_reason
-from test_strategy import FakeGrid, reply, strategy_for
+from fl_sim.task.models import build_model
+from strategies.faults import check_reply, sample_partitions, short_reason
+from strategies.rounds import expected_arrays
+from test_strategy import FakeGrid, replace_attack_run, reply, strategy_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,13 +87,13 @@ def test_aggregation_excludes_bad_replies_and_logs_missing_ones(tmp_path, fmnist
     bad = {k: v.clone() for k, v in state.items()}
     bad["fc.bias"][0] = float("nan")
     seen = []
-    strat.attack = type(strat.attack)(lambda p, b: seen.append(p.client), strat.attack.threat, strat.attack.summary)
+    replace_attack_run(strat, lambda p, b, o=None: seen.append(p))
     # partition 3 (node 4) never replies; partition 1 (the victim) sends NaN; replies arrive out of order
     arrays, _ = strat.aggregate_train(1, [reply(good, 2, 2), reply(bad, 1, 1), reply(good, 2, 0)])
     assert seen == []  # the victim's reply was rejected before the attacker saw it
-    reasons = {f["partition_id"]: f["reason"] for f in strat._record["failures"]}
+    reasons = {f["partition_id"]: f["reason"] for f in strat.last_record["failures"]}
     assert "non-finite" in reasons[1] and "no reply within round-timeout" in reasons[3]
-    assert [c["partition_id"] for c in strat._record["clients"]] == ["0", "2"]
+    assert [c["partition_id"] for c in strat.last_record["clients"]] == ["0", "2"]
     for k, v in arrays.to_torch_state_dict().items():
         assert torch.isfinite(v).all()
         torch.testing.assert_close(v, good[k])
@@ -103,7 +104,7 @@ def test_too_few_replies_skip_the_round(tmp_path, fmnist):
     state = build_model(cfg["model"], fmnist.input_shape, fmnist.num_classes).state_dict()
     strat.configure_train(1, ArrayRecord(state), ConfigRecord({"mode": "fedsgd", "lr": 0.1}), FakeGrid(3))
     arrays, _ = strat.aggregate_train(1, [reply(state, 1, 0)])
-    assert arrays is None and "min-replies=2" in strat._record["skipped"]
+    assert arrays is None and "min-replies=2" in strat.last_record["skipped"]
 
 
 def test_sampling_is_by_partition_and_seeded():
@@ -131,7 +132,7 @@ def test_sampled_nodes_do_not_depend_on_node_ids(tmp_path, fmnist):
         strat, cfg = strategy_for(tmp_path / str(len(picks)), fmnist, **{"num-supernodes": 10, "fraction-train": 0.3})
         state = build_model(cfg["model"], fmnist.input_shape, fmnist.num_classes).state_dict()
         strat.configure_train(5, ArrayRecord(state), ConfigRecord({"mode": "fedsgd", "lr": 0.1}), grid)
-        picks.append(sorted(strat._sent["nodes"].values()))
+        picks.append(sorted(strat._sent.nodes.values()))
     assert picks[0] == picks[1] and len(picks[0]) == 3
 
 
@@ -208,8 +209,8 @@ def test_a_restarted_supernode_takes_its_partition_over(tmp_path, fmnist):
                                  src_node_id=7) for m in messages]
 
     strat.configure_train(2, ArrayRecord(state), ConfigRecord({"mode": "fedsgd"}), Restarted())
-    assert strat._sent["nodes"] == {1: 0, 7: 1, 3: 2}
-    assert any("replaced by node 7" in f["reason"] for f in strat._record["failures"])
+    assert strat._sent.nodes == {1: 0, 7: 1, 3: 2}
+    assert any("replaced by node 7" in f["reason"] for f in strat.last_record["failures"])
 
 
 def test_flower_error_replies_are_attributed_to_the_destination_node(tmp_path, fmnist):
@@ -225,7 +226,7 @@ def test_flower_error_replies_are_attributed_to_the_destination_node(tmp_path, f
     err.metadata.__dict__["_reply_to_message_id"] = lost.metadata.message_id
     err.metadata.__dict__["_src_node_id"] = 1  # the SuperLink
     strat.aggregate_train(1, [reply(state, 1, 0), reply(state, 1, 1), err])
-    assert [(f["partition_id"], f["reason"]) for f in strat._record["failures"]] == [
+    assert [(f["partition_id"], f["reason"]) for f in strat.last_record["failures"]] == [
         (2, "error reply (code 5): Node Unavailable")]
 
 
@@ -237,5 +238,5 @@ def test_a_reply_claiming_another_partition_is_rejected(tmp_path, fmnist):
     liar = reply(state, 1, 0)
     liar.metadata.__dict__["_src_node_id"] = 3  # node 3 holds partition 2 but claims partition 0
     strat.aggregate_train(1, [liar, reply(state, 1, 1)])
-    assert [(f["partition_id"], f["reason"]) for f in strat._record["failures"]] == [
+    assert [(f["partition_id"], f["reason"]) for f in strat.last_record["failures"]] == [
         (2, "reply claims partition 0, but the node holds partition 2"), (0, "no reply within round-timeout=300 s")]

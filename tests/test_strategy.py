@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from conftest import make_message
-from fl_sim.config import resolve
-from fl_sim.models import build_model
+from fl_sim.config import resolve, specs
 from fl_sim.results import RunRecorder
-from strategies.strategy import CuriousFedAvg, lr_at
+from fl_sim.task.models import build_model
+from strategies.strategy import CuriousFedAvg
+
+
+def lr_at(cfg, server_round):
+    """The learning rate the server sends in ``server_round`` under ``cfg``'s schedule."""
+    return specs(cfg).server.server.lr_at(cfg["lr"], server_round)
+
+
+def replace_attack_run(strat, run):
+    """Give ``strat``'s attack plan the attack function ``run`` (same threat model and options)."""
+    plan = strat.spec.attack
+    strat.spec = dataclasses.replace(strat.spec, attack=dataclasses.replace(
+        plan, attack=dataclasses.replace(plan.attack, run=run)))
 
 
 class FakeGrid:
@@ -46,7 +60,7 @@ def reply(state, n, pid, indices=None):
 def strategy_for(tmp_path, fmnist, **overrides):
     cfg = resolve({"num-supernodes": 3, "out-dir": str(tmp_path), "run-name": "r", **overrides})
     rec = RunRecorder(tmp_path / "r", cfg)
-    return CuriousFedAvg(cfg, fmnist, rec), cfg
+    return CuriousFedAvg(specs(cfg).server, fmnist, rec), cfg
 
 
 def test_aggregate_is_the_example_weighted_mean(tmp_path, fmnist):
@@ -73,7 +87,7 @@ def test_attacker_gets_server_view_and_evaluator_gets_truth(tmp_path, fmnist):
     sent = ConfigRecord({"mode": "fedsgd", "lr": 0.1, "batch-size": 1, "local-steps": 0, "local-epochs": 1})
     strat.configure_train(1, ArrayRecord(glob_state), sent, FakeGrid(3))
     # client 1 takes one SGD step on sample 42
-    from fl_sim.data import to_tensor
+    from fl_sim.task.datasets import to_tensor
 
     x = to_tensor(fmnist.x_train[[42]], fmnist.mean, fmnist.std)
     loss = torch.nn.functional.cross_entropy(model(x), torch.as_tensor(fmnist.y_train[[42]]))
@@ -82,20 +96,21 @@ def test_attacker_gets_server_view_and_evaluator_gets_truth(tmp_path, fmnist):
     for (n, _), gr in zip(model.named_parameters(), grads):
         stepped[n] = glob_state[n] - 0.1 * gr
     seen = {}
-    real_run = strat.attack.run
+    real_run = strat.spec.attack.attack.run
 
     def spy(payload, budget, options=None):
         seen["payload"] = payload
         return real_run(payload, budget, options)
 
-    strat.attack = type(strat.attack)(spy, strat.attack.threat, strat.attack.summary)
+    replace_attack_run(strat, spy)
     replies = [reply(glob_state, 1, 0, [1]), reply(stepped, 1, 1, [42]), reply(glob_state, 1, 2, [2])]
     strat.aggregate_train(1, replies)
     p = seen["payload"]
-    assert p.client == "1" and p.num_examples == 1 and p.train_config["lr"] == 0.1
+    assert p.num_examples == 1 and p.train_config.lr == 0.1
     assert not any("audit" in k or "indices" in k for k in vars(p))
     torch.testing.assert_close(p.update["fc.bias"], stepped["fc.bias"] - glob_state["fc.bias"])
-    record = strat._record["attacks"][0]
+    record = strat.last_record["attacks"][0]
+    assert record["client"] == "1"
     assert record["psnr"] > 30 and record["label_accuracy"] == 1.0
     assert (tmp_path / "r" / record["image"]).is_file()
 
@@ -107,7 +122,7 @@ def test_victim_not_sampled_means_no_attack(tmp_path, fmnist):
     strat.configure_train(1, ArrayRecord(state), ConfigRecord({"mode": "fedsgd", "lr": 0.1, "batch-size": 1}),
                           FakeGrid(3))
     strat.aggregate_train(1, [reply(state, 1, 0, [0]), reply(state, 1, 1, [1])])
-    assert strat._record["attacks"] == []
+    assert strat.last_record["attacks"] == []
 
 
 def test_cosine_schedule():
@@ -132,7 +147,7 @@ def test_aggregate_keeps_integer_buffers_integer(tmp_path, fmnist):
             s = {k: (v + pid if k in ints else v * (1 + pid)) for k, v in sent.items()}
             replies.append(reply(s, 1, pid))
         arrays, _ = strat.aggregate_train(rnd, replies)
-        assert arrays is not None and strat._record["failures"] == [], strat._record["failures"]
+        assert arrays is not None and strat.last_record["failures"] == [], strat.last_record["failures"]
         out = arrays.to_torch_state_dict()
         for k in ints:
             assert out[k].dtype == torch.int64 and int(out[k]) == int(sent[k]) + 1

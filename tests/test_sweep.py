@@ -26,8 +26,11 @@ from typer.testing import CliRunner
 
 from fl_sim.cli import cli
 from fl_sim.config import ConfigError, parse_overrides
-from fl_sim.report import art_round_time, load_sweep_cells, write_sweep_report
-from fl_sim.sweep import (cell_command, cell_states, load_sweep, move_aside, plan, split_cpus)
+from fl_sim.sweep import cell_states, load_sweep, plan, split_cpus
+from fl_sim.sweep.plan import move_aside
+from fl_sim.sweep.report import write_sweep_report
+from fl_sim.sweep.runner import cell_command
+from fl_sim.sweep.table import art_round_time, load_sweep_cells
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "sweeps" / "smoke.toml"
@@ -255,7 +258,7 @@ def test_report_refuses_other_directories(tmp_path):
 def fake_cells(monkeypatch, tmp_path: Path, failing: set[str]) -> None:
     """Replace each cell's ``fl-sim run`` by a tiny script that writes a finished run directory; cells whose id is
     in ``failing`` fail on their first attempt (a traceback line, exit 1)."""
-    import fl_sim.sweep as sweep_mod
+    import fl_sim.sweep.runner as runner_mod
 
     (tmp_path / "fake").mkdir(exist_ok=True)
 
@@ -279,7 +282,7 @@ shutil.copy({str(cfg)!r}, d / "config.toml")
 """
         return [sys.executable, "-c", code]
 
-    monkeypatch.setattr(sweep_mod, "cell_command", command)
+    monkeypatch.setattr(runner_mod, "cell_command", command)
 
 
 def test_failed_cell_is_retried_then_resumed(monkeypatch, tmp_path):
@@ -309,7 +312,7 @@ def test_failed_cell_is_retried_then_resumed(monkeypatch, tmp_path):
 
 
 def test_second_sweep_on_a_busy_directory_is_refused(tmp_path):
-    from fl_sim.sweep import sweep_lock
+    from fl_sim.sweep.plan import sweep_lock
 
     with sweep_lock(tmp_path / "out"):
         res = CliRunner().invoke(cli, ["sweep", str(SMOKE), "--out", str(tmp_path / "out")])
@@ -436,10 +439,10 @@ def test_seed001_sweep_file_plans_the_table():
     branches have registered the names it uses)."""
     from attacker import ATTACKS
     from clients.defenses import DEFENSES
-    from fl_sim.config import KEYS
+    from fl_sim.config import key_table
 
     missing = ({"dlg", "ig"} - set(ATTACKS)) | ({"none", "graddefense", "prune", "dp-gaussian", "dp-laplace",
-                                                 "soteria"} - set(DEFENSES)) | ({"attack-ignore-layers"} - set(KEYS))
+                                                 "soteria"} - set(DEFENSES)) | ({"attack-ignore-layers"} - set(key_table()))
     if missing:
         pytest.skip(f"not registered on this branch yet: {sorted(missing)}")
     spec = load_sweep(ROOT / "sweeps" / "seed001-fmnist.toml")

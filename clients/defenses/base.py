@@ -73,7 +73,7 @@ class Defense:
     """A client-side defense: what its module declares.
 
     Attributes:
-        summary: one line for ``fl-sim defenses``-style listings and reports (paper and year).
+        summary: one line for ``fl-sim defenses`` and reports (paper and year).
         apply: ``(grads, ctx) -> grads`` applied to each local step's gradient list (shapes preserved).
         keys: the run-config keys it owns (``defense-...``), with defaults, ranges and help.
         params: a frozen dataclass whose fields are the keys without ``prefix`` (``-`` → ``_``); ``None`` for a

@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from fl_sim.cli import attack, attacks, deploy, keys, rank, report, run, sweep
+from fl_sim.cli import attack, attacks, defenses, deploy, keys, rank, report, run, sweep
 from fl_sim.task.keys import ConfigError
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -23,6 +23,7 @@ cli.command()(keys.keys)
 cli.command()(report.report)
 cli.command(context_settings=_HELP)(sweep.sweep)
 cli.command("attacks")(attacks.attacks_cmd)
+cli.command("defenses")(defenses.defenses_cmd)
 cli.command()(rank.rank)
 cli.command(context_settings=_HELP)(attack.attack)
 cli.command(context_settings=_HELP)(deploy.deploy)

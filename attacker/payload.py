@@ -66,10 +66,12 @@ class DefenseInfo:
     Attributes:
         name: the ``defense`` key.
         params: its parameter object (public parameters only; the defense's secrets never leave the client).
+        metrics: the diagnostics it declares it adds to every reply (beyond the standard metrics).
     """
 
     name: str
     params: Any = None
+    metrics: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -55,11 +55,11 @@ class Federation:
     def __init__(self, defense: str, clients: int, out: Path, model: str | None = None):
         from flwr.app import ArrayRecord, Context, RecordDict
 
-        from fl_sim.config import resolve
-        from fl_sim.data import load_dataset
-        from fl_sim.models import build_model
+        from fl_sim.config import resolve, specs
         from fl_sim.results import RunRecorder
-        from strategies.strategy import CuriousFedAvg, train_config
+        from fl_sim.task.datasets import load_dataset
+        from fl_sim.task.models import build_model
+        from strategies.strategy import CuriousFedAvg
 
         name = model or MODEL.get(defense, "lenet-tanh")
         self.cfg = resolve({"defense": defense, "model": name, "num-supernodes": clients, "attack-every": 0,
@@ -67,10 +67,9 @@ class Federation:
         data = load_dataset("fashion-mnist")
         torch.manual_seed(0)
         self.arrays = ArrayRecord(build_model(name, data.input_shape, data.num_classes).state_dict())
-        self.strategy = CuriousFedAvg(self.cfg, data, RunRecorder(out / f"{defense}-{name}", self.cfg))
+        self.strategy = CuriousFedAvg(specs(self.cfg).server, data, RunRecorder(out / f"{defense}-{name}", self.cfg))
         self.contexts = [Context(run_id=1, node_id=i + 1, node_config={"partition-id": i, "num-partitions": clients},
                                  state=RecordDict(), run_config=dict(self.cfg)) for i in range(clients)]
-        self.train_config = train_config(self.cfg)
         self.round = 0
 
     def step(self) -> float:
@@ -93,7 +92,8 @@ class Federation:
 
         self.round += 1
         t = time.perf_counter()
-        msgs = list(self.strategy.configure_train(self.round, self.arrays, self.train_config, Grid()))
+        # the strategy sends the train config of its own spec (the config argument is not read)
+        msgs = list(self.strategy.configure_train(self.round, self.arrays, ConfigRecord(), Grid()))
         replies = []
         for msg in msgs:
             node = msg.metadata.dst_node_id

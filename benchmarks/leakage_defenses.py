@@ -26,10 +26,10 @@ import torch
 DEFAULT_DEFENSES = "none,prune,dp-gaussian,dp-laplace,soteria,graddefense,quantize"
 
 
-def _message(content, message_type: str = "train"):
+def _message(content, message_type: str = "train", dst_node_id: int = 1):
     from flwr.app import Message, Metadata
 
-    md = Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=1,
+    md = Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=dst_node_id,
                   reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600, message_type=message_type)
     return Message(content=content, metadata=md)
 
@@ -40,11 +40,11 @@ def attack_once(defense: str, image: int, attack: str, model: str, overrides: di
     from flwr.supercore.task_identity import TaskIdentity
 
     from clients.client_app import app
-    from fl_sim.config import resolve
-    from fl_sim.data import load_dataset
-    from fl_sim.models import build_model
+    from fl_sim.config import resolve, specs
     from fl_sim.results import RunRecorder
-    from strategies.strategy import CuriousFedAvg, train_config
+    from fl_sim.task.datasets import load_dataset
+    from fl_sim.task.models import build_model
+    from strategies.strategy import CuriousFedAvg
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     n = 3
@@ -54,22 +54,30 @@ def attack_once(defense: str, image: int, attack: str, model: str, overrides: di
     data = load_dataset(str(cfg["dataset"]), str(cfg["data-dir"]))
     torch.manual_seed(image)
     net = build_model(model, data.input_shape, data.num_classes)
-    strat = CuriousFedAvg(cfg, data, RunRecorder(out / f"{defense}-{image}", cfg))
+    strat = CuriousFedAvg(specs(cfg).server, data, RunRecorder(out / f"{defense}-{image}", cfg))
+    contexts = [Context(run_id=1, node_id=pid + 1, node_config={"partition-id": pid, "num-partitions": n},
+                        state=RecordDict(), run_config=dict(cfg)) for pid in range(n)]
 
     class Grid:
+        """Node i + 1 is client i; the server's ``query.whoami`` goes through the real ClientApp."""
+
         def get_node_ids(self):
             return list(range(1, n + 1))
 
+        def send_and_receive(self, messages, *, timeout=None):
+            return [app(_message(m.content, m.metadata.message_type, m.metadata.dst_node_id),
+                        contexts[m.metadata.dst_node_id - 1]) for m in messages]
+
     glob = ArrayRecord(net.state_dict())
-    msgs = list(strat.configure_train(1, glob, train_config(cfg), Grid()))
+    # the strategy sends the train config of its own spec (the config argument is not read)
+    msgs = list(strat.configure_train(1, glob, ConfigRecord(), Grid()))
     replies = []
-    for pid, msg in enumerate(msgs):
-        ctx = Context(run_id=1, node_id=pid + 1, node_config={"partition-id": pid, "num-partitions": n},
-                      state=RecordDict(), run_config=dict(cfg))
+    for msg in msgs:
+        node = msg.metadata.dst_node_id
         content = RecordDict({"arrays": msg.content["arrays"], "config": ConfigRecord(dict(msg.content["config"]))})
-        replies.append(app(_message(content), ctx))
+        replies.append(app(_message(content, "train", node), contexts[node - 1]))
     strat.aggregate_train(1, replies)
-    return strat._record["attacks"][0]
+    return strat.last_record["attacks"][0]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,9 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*", help="run-config KEY=VALUE")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
     from fl_sim.config import parse_overrides
 
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # after the import: importing flwr resets its level
     overrides = parse_overrides(args.overrides)
     print(f"attack={args.attack} model={args.model} images={args.images} {overrides}")
     print(f"{'defense':<14}{'PSNR dB':>9}{'SSIM':>8}{'label acc':>11}{'min':>7}{'max':>7}")

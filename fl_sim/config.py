@@ -22,7 +22,7 @@ import torch
 
 from attacker import DefenseInfo, attack_keys
 from clients.config import CLIENT_KEYS, ClientSpec
-from clients.defenses import defense_keys
+from clients.defenses import DEFENSES, defense_keys
 from fl_sim.task.config import TASK_KEYS, load_plugins
 from fl_sim.task.datasets import DATASETS, DataError, load_dataset
 from fl_sim.task.keys import ConfigError, Key, Value, merge, unknown_key
@@ -110,7 +110,10 @@ def specs(cfg: Mapping[str, Any]) -> RunSpecs:
         ConfigError: the first problem found.
     """
     client = ClientSpec.from_config(cfg)
-    return RunSpecs(client, ServerSpec.from_config(cfg, DefenseInfo(client.defense_name, client.params)))
+    for defense in DEFENSES.values():  # the keys of the defenses not chosen are checked too
+        defense.configure(cfg)
+    info = DefenseInfo(client.defense_name, client.params, tuple(client.defense.metrics))
+    return RunSpecs(client, ServerSpec.from_config(cfg, info))
 
 
 def resolve(overrides: Mapping[str, Any] | None = None) -> dict[str, Value]:

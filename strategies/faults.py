@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from logging import WARNING
 from typing import Any
 
@@ -48,7 +48,8 @@ def short_reason(text: str, limit: int = 300) -> str:
 
 
 def check_reply(msg: Message, expected: Mapping[str, tuple[tuple[int, ...], str]], max_examples: int,
-                arrays_key: str = ARRAYS, weight_key: str = NUM_EXAMPLES) -> str | None:
+                arrays_key: str = ARRAYS, weight_key: str = NUM_EXAMPLES,
+                metric_keys: Collection[str] | None = None) -> str | None:
     """Why a train reply must not be aggregated or attacked, or ``None`` if it is usable.
 
     Args:
@@ -57,6 +58,8 @@ def check_reply(msg: Message, expected: Mapping[str, tuple[tuple[int, ...], str]
         max_examples: the largest plausible ``num-examples`` (the training split's size).
         arrays_key: name of the reply's ArrayRecord.
         weight_key: the MetricRecord key FedAvg weights by.
+        metric_keys: the exact keys the MetricRecord must hold (the standard metrics and the defense's declared
+            ones; FedAvg refuses to average records with different keys), or ``None`` to skip this check.
 
     Returns:
         A one-line reason (error reply; missing or extra ArrayRecords, MetricRecords or array keys; wrong shape or
@@ -92,7 +95,12 @@ def check_reply(msg: Message, expected: Mapping[str, tuple[tuple[int, ...], str]
             return f"array {key!r} decodes to shape {values.shape}, expected {shape}"
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
             return f"array {key!r} holds {int((~np.isfinite(values)).sum())} non-finite values (NaN/Inf)"
-    n = next(iter(metric_records.values())).get(weight_key)
+    metrics = next(iter(metric_records.values()))
+    if metric_keys is not None and set(metrics.keys()) != set(metric_keys):
+        got, want = set(metrics.keys()), set(metric_keys)
+        return (f"metrics {sorted(got - want)} not declared, {sorted(want - got)} missing" if got - want and want - got
+                else f"metrics {sorted(got - want)} not declared" if got - want else f"metrics {sorted(want - got)} missing")
+    n = metrics.get(weight_key)
     ok_number = isinstance(n, (int, float)) and not isinstance(n, bool) and math.isfinite(n) and n == int(n)
     if not ok_number or not 1 <= n <= max_examples:
         return f"{weight_key}={n!r} is absurd; it must be an integer in 1..{max_examples} (the training split's size)"

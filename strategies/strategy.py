@@ -175,7 +175,8 @@ class CuriousFedAvg(FedAvg):
         for msg in replies:
             node = dst.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             replied.add(node)
-            reason = check_reply(msg, self._sent.expected, max_examples, self.arrayrecord_key, self.weighted_by_key)
+            reason = check_reply(msg, self._sent.expected, max_examples, self.arrayrecord_key, self.weighted_by_key,
+                                 (*STANDARD_METRICS, *self.spec.defense.metrics))
             if reason is None and node in sent and reply_partition(msg) != str(sent[node]):
                 reason = f"reply claims partition {reply_partition(msg)}, but the node holds partition {sent[node]}"
             if reason is None:

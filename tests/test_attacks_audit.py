@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from flwr.app import ArrayRecord
 from typer.testing import CliRunner
 
 from clients.defenses import DEFENSES, Defense
@@ -52,7 +53,8 @@ def test_image_file_audit_resizes_to_the_model_input(tmp_path):
 @pytest.fixture
 def zero_fc_defense():
     """A temporary defense that withholds the classifier layer's weight gradient, and a server step that counts its
-    calls (``calls`` holds the number of replies of each call)."""
+    calls (``calls`` holds the number of replies of each call) and wipes the aggregate: an attack that saw the
+    stepped model instead of the raw update could not reconstruct anything."""
     calls = []
 
     def zero_fc(grads, ctx):
@@ -60,7 +62,7 @@ def zero_fc_defense():
 
     def server_step(arrays, replies, sent, params):
         calls.append(len(replies))
-        return arrays
+        return ArrayRecord({k: torch.zeros_like(v) for k, v in arrays.to_torch_state_dict().items()})
 
     DEFENSES.register("zero-fc", Defense("test: zero the fc weight gradient", zero_fc))
     try:
@@ -86,6 +88,7 @@ def test_defense_and_its_server_step_are_applied(tmp_path, zero_fc_defense):
     assert res.exit_code == 0, res.output
     muted = json.loads((tmp_path / "e" / "attack.json").read_text())
     assert calls == [1, 1]
+    # the attack saw the raw (defended) update: muting the zeroed layer restores the leak
     assert plain["psnr"] < 20 < 30 < muted["psnr"]
 
 

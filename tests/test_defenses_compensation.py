@@ -13,8 +13,8 @@ from clients.defenses import DEFENSES
 from fl_sim.config import resolve, specs
 from fl_sim.results import RunRecorder
 from fl_sim.task.contract import TrainConfig
-from strategies.steps import SERVER_STEPS
 from strategies.rounds import sent_round
+from strategies.steps import SERVER_STEPS
 from strategies.steps.graddefense import compensate, noise_variance
 from strategies.strategy import CuriousFedAvg
 from test_strategy import FakeGrid, reply

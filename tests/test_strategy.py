@@ -151,3 +151,26 @@ def test_aggregate_keeps_integer_buffers_integer(tmp_path, fmnist):
         out = arrays.to_torch_state_dict()
         for k in ints:
             assert out[k].dtype == torch.int64 and int(out[k]) == int(sent[k]) + 1
+
+
+def test_defense_metrics_are_copied_into_the_client_records_and_undeclared_ones_drop_the_reply(tmp_path, fmnist):
+    """The metrics the defense declares land in the client's record (``-`` → ``_``); a reply with a metric the
+    defense does not declare (or without one it does) is dropped with its reason, not averaged by FedAvg."""
+    strat, cfg = strategy_for(tmp_path, fmnist, **{"attack-every": 0, "defense": "dp-gaussian"})
+    state = build_model(cfg["model"], fmnist.input_shape, fmnist.num_classes).state_dict()
+    strat.configure_train(1, ArrayRecord(state), ConfigRecord(), FakeGrid(3))
+    replies = [reply(state, 1, pid) for pid in range(3)]
+    for pid, msg in enumerate(replies):
+        msg.content["metrics"]["dp-epsilon"] = 2.5 + pid
+        msg.content["metrics"]["dp-releases"] = 1
+    replies[2].content["metrics"]["toy-score"] = 7
+    strat.aggregate_train(1, replies)
+    clients = {c["partition_id"]: c for c in strat.last_record["clients"]}
+    assert sorted(clients) == ["0", "1"]
+    standard = {"partition_id", "num_examples", "train_loss", "train_time_s", "defense_time_s"}
+    for pid in range(2):
+        c = clients[str(pid)]
+        assert set(c) == standard | {"dp_epsilon", "dp_releases"}, c
+        assert c["dp_epsilon"] == 2.5 + pid and c["num_examples"] == 1 and c["train_loss"] == 1.0
+    (failure,) = strat.last_record["failures"]
+    assert failure["partition_id"] == 2 and "toy-score" in failure["reason"] and "not declared" in failure["reason"]

@@ -19,7 +19,7 @@ from typing import Any
 
 from fl_sim.results import atomic_write_text
 from fl_sim.sweep.plan import Cell, cell_states, check_cells_feasible, is_done, move_aside, plan, sweep_lock
-from fl_sim.sweep.spec import SweepSpec, label
+from fl_sim.sweep.spec import SweepSpec, value_label
 from fl_sim.sweep.report import write_sweep_report
 from fl_sim.task.keys import Value
 
@@ -51,7 +51,7 @@ def split_cpus(cpus: list[int], jobs: int) -> list[list[int]]:
 
 def cli_value(value: Value) -> str:
     """``value`` as the text of ``fl-sim run KEY=VALUE`` (parsed back by :func:`fl_sim.config.parse_value`)."""
-    return label(value) if isinstance(value, bool) else repr(value) if isinstance(value, float) else str(value)
+    return value_label(value) if isinstance(value, bool) else repr(value) if isinstance(value, float) else str(value)
 
 
 def cell_command(cell: Cell, cell_dir: Path, cpus: int) -> list[str]:

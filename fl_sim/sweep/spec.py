@@ -72,7 +72,7 @@ class SweepSpec:
 
 
 # --- the sweep file ----------------------------------------------------------------------------------------------
-def label(value: Any) -> str:
+def value_label(value: Any) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
@@ -99,7 +99,7 @@ def _parse_axis(src: str, name: str, spec: Any) -> Axis:
                               f"use a table of named variants ([axes.{name}] LABEL = {{KEY = VALUE, ...}}) or "
                               f"see 'fl-sim keys'")
         bundles = tuple(_check_keys(where, {name: v}) for v in spec)
-        labels = tuple(label(b[name]) for b in bundles)
+        labels = tuple(value_label(b[name]) for b in bundles)
     elif isinstance(spec, dict):
         if not spec:
             raise ConfigError(f"{where} is an empty table; an axis needs at least one variant")
@@ -192,11 +192,11 @@ def load_sweep(path: str | Path) -> SweepSpec:
                               f"and one of its labels, e.g. baseline = {{defense = \"none\"}}")
         (axis_name, label), = baseline_raw.items()
         axis = next((a for a in axes if a.name == axis_name), None)
-        if axis is None or label(label) not in axis.labels:
+        if axis is None or value_label(label) not in axis.labels:
             allowed = ", ".join(axis.labels) if axis else "an axis name"
             raise ConfigError(f"{src}: sweep.baseline {axis_name} = {label!r} is not allowed; it must be one of "
                               f"{allowed}")
-        baseline = (axis_name, label(label))
+        baseline = (axis_name, value_label(label))
     description = settings.get("description", "")
     if not isinstance(description, str):
         raise ConfigError(f"{src}: sweep.description must be a string")

@@ -4,7 +4,7 @@
 ``context.run_config`` on server and clients. Flower's public ``run_simulation`` passes no run config (its
 ``context.run_config`` is empty), so this module calls the engine the way ``flwr run``'s simulation process does
 (``flwr.simulation.run_simulation._run_simulation`` with an app directory whose ``pyproject.toml`` carries the
-resolved config), which is why flwr is pinned to 1.41.0. A test runs a 2-client simulation end to end.
+resolved config), which is why flwr is pinned (1.42.0; the suite passed unchanged when it moved from 1.41.0). A test runs a 2-client simulation end to end.
 
 Ctrl-C: the ServerApp stops after the current round (everything written so far is kept, ``summary.json`` says
 ``interrupted``); Ray is shut down before :func:`run` returns, so no process is left behind.

@@ -6,7 +6,7 @@ Usage (from the repository root, with the venv's ``bin`` on PATH; ``make flwr-ru
 
 The KEY=VALUE pairs are fl-sim run-config keys (checked as ``fl-sim run`` checks them); ``num-supernodes`` and
 ``client-num-cpus``/``client-num-gpus`` are also passed to the federation config. ``flwr run`` starts a SuperLink
-daemon that outlives it (Flower 1.41); this script stops the ones it started.
+daemon that outlives it (Flower 1.41 and 1.42); this script stops the ones it started.
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
         raise DataError(f"{path}: header says {dims} but holds {data.size} bytes")
-    return data.reshape(dims)
+    return data.reshape(dims).copy()  # a writable array (torch warns on tensors over read-only buffers)
 
 
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",

@@ -33,7 +33,7 @@ class TrainResult:
         loss: mean training loss over the local steps with a non-empty batch (before each step); NaN when every
             batch was empty.
         train_time_s: wall-clock seconds of local training, defense included.
-        defense_time_s: seconds spent inside the defense.
+        defense_time_s: seconds spent inside the defense (its batch hook included).
         steps: local SGD steps taken (:meth:`TrainConfig.steps`).
         sample_indices: indices into the training split of the samples used, in order of use (audit only).
         defense_info: per-round diagnostics the defense set on its step contexts (e.g. Soteria's pruned share).
@@ -100,15 +100,18 @@ def local_train(model: nn.Module, data: Dataset, partition: np.ndarray, train_co
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
+    defense_s = 0.0
     if defense.batches is not None:
+        t_def = time.perf_counter()
         batches = defense.batches(partition, train_config, rng, params, state)
+        defense_s += time.perf_counter() - t_def
     else:
         batches = batch_schedule(partition, train_config, rng)
     names = [n for n, _ in model.named_parameters()]
     params_list = list(model.parameters())
     gen = torch.Generator(device="cpu").manual_seed(seed)
     model.train()
-    losses, defense_s, info = [], 0.0, {}
+    losses, info = [], {}
     for step, idx in enumerate(batches):
         x = to_tensor(data.x_train[idx], data.mean, data.std, device)
         y = torch.as_tensor(data.y_train[idx], device=device)

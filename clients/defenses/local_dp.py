@@ -137,11 +137,12 @@ def apply(grads: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
 
 
 def report(state: RecordDict, p: Params) -> dict[str, float]:
-    """``dp-releases``, ``dp-epsilon`` (the accountant's ε for them), ``dp-epsilon-claimed`` (the mod's per-round
-    ε), ``dp-sigma`` (noise std / Δ_s) and ``dp-delta``."""
+    """``dp-releases``, ``dp-epsilon`` (the accountant's ε for them; -1 = unbounded), ``dp-epsilon-claimed`` (the
+    mod's per-round ε), ``dp-sigma`` (noise std / Δ_s) and ``dp-delta``."""
     n = releases(state, STATE_KEY)
     z = noise_std(p) / sensitivity(p)
-    return {"dp-releases": n, "dp-epsilon": epsilon_spent("gaussian", z, n, p.delta, p.accountant),
+    eps = epsilon_spent("gaussian", z, n, p.delta, p.accountant)
+    return {"dp-releases": n, "dp-epsilon": eps if math.isfinite(eps) else -1.0,
             "dp-epsilon-claimed": claimed_epsilon(p), "dp-sigma": z, "dp-delta": float(p.delta)}
 
 

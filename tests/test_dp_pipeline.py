@@ -298,3 +298,15 @@ def test_summary_privacy_block_keeps_each_clients_last_report():
     assert block["clients"]["1"]["epsilon"] == 1.5 and block["clients"]["1"]["round"] == 2
     assert block["max_epsilon"] == 1.5 and block["defense"] == "dp-sgd" and block["accountant"] == "pld"
     assert "privacy" not in summarize([{"round": 1, "clients": [{"partition_id": "0"}]}], cfg, 1.0, "completed")
+
+
+def test_dp_sgd_refuses_a_plan_that_changes_mid_run(fmnist):
+    # σ is calibrated for the planned rounds: a client resumed under another num-server-rounds would compose steps
+    # of two different σ as if they were one
+    over = {"defense": "dp-sgd", "mode": "fedavg", "local-steps": 5, "batch-size": 50, "defense-dp-epsilon": 2.0}
+    _, spec, glob, part = setup(fmnist, **over, **{"num-server-rounds": 3})
+    state = RecordDict()
+    one_round(spec, glob, fmnist, part, state, 1)
+    _, longer, _, _ = setup(fmnist, **over, **{"num-server-rounds": 6})
+    with pytest.raises(ValueError, match="plan changed after 5 steps"):
+        one_round(longer, glob, fmnist, part, state, 2)

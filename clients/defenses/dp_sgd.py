@@ -257,26 +257,32 @@ def batches(partition: np.ndarray, train_config: TrainConfig, rng: np.random.Gen
     probability ``q = B/n``, independently (``rng`` is the client's secret round generator).
 
     Before drawing, checks that the round's steps keep the client within its target ε and stores the plan's inputs
-    (``n``, ``B``, steps per round; integers) in ``state``.
+    (``n``, ``B``, steps per round, planned rounds; integers) in ``state``; a plan that changes between rounds
+    (e.g. a resumed run with another ``num-server-rounds``, which would change σ) is refused.
 
     Returns:
         One ``int64`` array of training-split indices per step (partition order; possibly empty).
 
     Raises:
         PrivacyBudgetExhausted: the round would take the spent ε past ``defense-dp-epsilon``.
-        ValueError: ``B > n``.
+        ValueError: ``B > n``, or the plan changed since the client's first round.
     """
     n, bs = len(partition), train_config.batch_size
     steps = train_config.steps(n)
     pl = plan(p, n, bs, steps)
     rec = _record(state)
     done = int(rec["steps"]) if rec is not None else 0
+    now = {"n": n, "batch": bs, "round-steps": steps, "rounds": p.rounds}
+    before = {k: int(rec[k]) for k in now if k in rec} if rec is not None else now
+    if before != now:
+        raise ValueError(f"dp-sgd: the plan changed after {done} steps ({before} → {now}): the accountant composes "
+                         "the steps of one σ and q")
     after = sgd_epsilon(pl.sigma, pl.q, done + steps, p.delta, p.accountant)
     if after > p.epsilon:
         raise PrivacyBudgetExhausted(
             f"dp-sgd: round {train_config.server_round} would spend ε={after:.4g} > defense-dp-epsilon={p.epsilon:g} "
             f"(δ={p.delta:g}, σ={pl.sigma:.4g}, q={pl.q:.4g}, {done} + {steps} steps); this client stops training")
-    state[STATE_KEY] = ConfigRecord({"steps": done, "n": n, "batch": bs, "round-steps": steps})
+    state[STATE_KEY] = ConfigRecord({"steps": done, **now})
     part = np.asarray(partition, dtype=np.int64)
     return [part[rng.random(n) < pl.q] for _ in range(steps)]
 
@@ -309,7 +315,7 @@ def apply(grads: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
     if rec is None:
         bs = max(1, len(ctx.x))
         n = max(bs, len(ctx.partition) if ctx.partition is not None else bs)
-        rec = ConfigRecord({"steps": 0, "n": n, "batch": bs, "round-steps": 1})
+        rec = ConfigRecord({"steps": 0, "n": n, "batch": bs, "round-steps": 1, "rounds": p.rounds})
     n, bs, steps = int(rec["n"]), int(rec["batch"]), int(rec["round-steps"])
     pl = plan(p, n, bs, steps)
     if len(ctx.x):

@@ -2,8 +2,8 @@
 
 :func:`prepare_model` builds the model the server named, loads the global arrays and lets the defense put its
 secrets in place (``on_model``); :func:`client_update` then trains it with the defense on every local step
-(:func:`clients.training.local_train`), lets the defense touch what leaves (``on_reply``) and collects the metrics
-the reply carries. The ClientApp, the one-shot audit and the benchmarks all call these functions; none of them
+(:func:`clients.training.local_train`), lets the defense touch what leaves (``on_reply``, which also sees the global
+arrays sent) and collects the metrics the reply carries. The ClientApp, the one-shot audit and the benchmarks all call these functions; none of them
 holds a second copy of the train config or of the local-steps rule (:class:`fl_sim.task.contract.TrainConfig`).
 """
 
@@ -19,6 +19,7 @@ from flwr.app import RecordDict
 from torch import nn
 
 from clients.config import ClientSpec
+from clients.defenses import ReplyContext
 from clients.training import local_train
 from fl_sim.task.contract import DEFENSE_TIME, NUM_EXAMPLES, TRAIN_LOSS, TRAIN_TIME, TrainConfig
 from fl_sim.task.datasets import DATASETS, Dataset
@@ -93,7 +94,8 @@ def client_update(spec: ClientSpec, global_state: Mapping[str, torch.Tensor], da
     out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     t = time.perf_counter()
     if spec.defense.on_reply is not None:
-        out = spec.defense.on_reply(out, state, spec.params)
+        sent = {k: v.detach().cpu() for k, v in global_state.items()}
+        out = spec.defense.on_reply(out, state, spec.params, ReplyContext(sent, round_seed, train_config.server_round))
     extra = spec.defense.report(state, spec.params) if spec.defense.report is not None else {}
     hooks_s += time.perf_counter() - t
     diagnostics = {**res.defense_info, **extra}

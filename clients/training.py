@@ -2,11 +2,13 @@
 
 Plain SGD without momentum or weight decay, so that the server-side conversion ``ĝ = −Δ / (lr · K)`` in
 :func:`attacker.payload.update_to_gradient` is exact for FedSGD. The defense transforms every step's gradient
-before the step is taken.
+before the step is taken, and may choose the round's batches itself (:attr:`Defense.batches`, e.g. DP-SGD's
+Poisson sampling, whose batches can be empty: such a step's gradient is zero before the defense sees it).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,9 +30,10 @@ class TrainResult:
 
     Attributes:
         num_examples: FedAvg weight (:meth:`TrainConfig.num_examples`).
-        loss: mean training loss over the local steps (before each step).
+        loss: mean training loss over the local steps with a non-empty batch (before each step); NaN when every
+            batch was empty.
         train_time_s: wall-clock seconds of local training, defense included.
-        defense_time_s: seconds spent inside the defense.
+        defense_time_s: seconds spent inside the defense (its batch hook included).
         steps: local SGD steps taken (:meth:`TrainConfig.steps`).
         sample_indices: indices into the training split of the samples used, in order of use (audit only).
         defense_info: per-round diagnostics the defense set on its step contexts (e.g. Soteria's pruned share).
@@ -97,17 +100,27 @@ def local_train(model: nn.Module, data: Dataset, partition: np.ndarray, train_co
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    batches = batch_schedule(partition, train_config, rng)
+    defense_s = 0.0
+    if defense.batches is not None:
+        t_def = time.perf_counter()
+        batches = defense.batches(partition, train_config, rng, params, state)
+        defense_s += time.perf_counter() - t_def
+    else:
+        batches = batch_schedule(partition, train_config, rng)
     names = [n for n, _ in model.named_parameters()]
     params_list = list(model.parameters())
     gen = torch.Generator(device="cpu").manual_seed(seed)
     model.train()
-    losses, defense_s, info = [], 0.0, {}
+    losses, info = [], {}
     for step, idx in enumerate(batches):
         x = to_tensor(data.x_train[idx], data.mean, data.std, device)
         y = torch.as_tensor(data.y_train[idx], device=device)
-        loss = F.cross_entropy(model(x), y)
-        grads = list(torch.autograd.grad(loss, params_list))
+        if len(idx):
+            loss = F.cross_entropy(model(x), y)
+            grads = list(torch.autograd.grad(loss, params_list))
+            losses.append(float(loss.detach()))
+        else:  # an empty batch (a defense's own sampling): no loss, a zero gradient
+            grads = [torch.zeros_like(p) for p in params_list]
         t_def = time.perf_counter()
         ctx = StepContext(model, names, x, y, F.cross_entropy, params, state, gen, step, train_config.server_round,
                           data=data, partition=partition)
@@ -117,7 +130,7 @@ def local_train(model: nn.Module, data: Dataset, partition: np.ndarray, train_co
         with torch.no_grad():
             for p, g in zip(params_list, grads):
                 p.add_(g, alpha=-train_config.lr)
-        losses.append(float(loss.detach()))
-    used = np.concatenate(batches)
-    return TrainResult(train_config.num_examples(len(partition)), float(np.mean(losses)), time.perf_counter() - t0,
+    used = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
+    loss_mean = float(np.mean(losses)) if losses else math.nan
+    return TrainResult(train_config.num_examples(len(partition)), loss_mean, time.perf_counter() - t0,
                        defense_s, len(batches), [int(i) for i in used], info)

@@ -150,6 +150,31 @@ def save_pair_figure(path: Path, truth: np.ndarray, reconstruction: np.ndarray, 
     plt.close(fig)
 
 
+def privacy_block(records: list[dict[str, Any]], cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``summary.json``'s ``privacy`` block: per client, the DP figures of its last reply, or ``None`` when no
+    reply carried any.
+
+    A DP defense's ``dp-*`` metrics reach the round records as ``dp_*`` client fields; per client (partition id)
+    the block keeps the last round's values without the prefix — ``epsilon`` (spent, at ``delta``), and as the
+    defense reports them ``delta``, ``sigma`` (noise multiplier), ``q`` (sampling rate), ``steps`` / ``releases``,
+    ``epsilon_claimed`` — plus that ``round``. Block level: the ``defense``, its ``accountant`` and ``delta`` keys
+    and ``max_epsilon`` over the clients (-1, in it or in a client's ``epsilon``, means unbounded).
+    """
+    clients: dict[str, dict[str, Any]] = {}
+    for r in records:
+        for c in r.get("clients", []):
+            dp = {k[3:]: v for k, v in c.items() if k.startswith("dp_")}
+            if dp:
+                clients[str(c.get("partition_id"))] = {**dp, "round": r.get("round")}
+    if not clients:
+        return None
+    eps = [c["epsilon"] for c in clients.values() if isinstance(c.get("epsilon"), (int, float))]
+    return {"defense": cfg.get("defense"), "accountant": cfg.get("defense-dp-accountant"),
+            "delta": cfg.get("defense-dp-delta"),
+            "max_epsilon": (-1.0 if any(e < 0 for e in eps) else max(eps)) if eps else None,
+            "clients": dict(sorted(clients.items(), key=lambda kv: (len(kv[0]), kv[0])))}
+
+
 def summarize(records: list[dict[str, Any]], cfg: Mapping[str, Any], wall_time_s: float | None,
               status: str) -> dict[str, Any]:
     """Build ``summary.json``'s content from the per-round records.
@@ -157,7 +182,8 @@ def summarize(records: list[dict[str, Any]], cfg: Mapping[str, Any], wall_time_s
     Fields: ``status`` (``completed``/``interrupted``/``failed``), ``rounds`` (rounds recorded), ``final_accuracy``
     and ``final_loss`` (last evaluated round), ``best_accuracy``, ``wall_time_s``, ``mean_round_time_s`` (ART's
     numerator), ``mean_train_time_s``, ``mean_defense_time_s``, ``attacks`` (every attack record),
-    ``attack_means`` (mean psnr/ssim/mse/label_accuracy/time_s over attacks), and the key settings.
+    ``attack_means`` (mean psnr/ssim/mse/label_accuracy/time_s over attacks), the key settings and, for a DP
+    defense, ``privacy`` (:func:`privacy_block`).
     """
     evaluated = [r for r in records if r.get("accuracy") is not None]
     attacks = [a for r in records for a in r.get("attacks", [])]
@@ -183,6 +209,9 @@ def summarize(records: list[dict[str, Any]], cfg: Mapping[str, Any], wall_time_s
         "settings": {k: cfg[k] for k in ("dataset", "model", "mode", "batch-size", "lr", "num-supernodes",
                                          "num-server-rounds", "defense", "attack", "seed") if k in cfg},
     }
+    privacy = privacy_block(records, cfg)
+    if privacy is not None:
+        summary["privacy"] = privacy
     return finite(summary)
 
 

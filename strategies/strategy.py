@@ -32,7 +32,8 @@ from flwr.serverapp.strategy import FedAvg
 from attacker import AttackPayload
 from attacker.payload import split_update
 from fl_sim.task.contract import (ARRAYS, CONFIG, NUM_EXAMPLES, STANDARD_METRICS, TRAIN_LOSS, TRAIN_TIME,
-                                  DEFENSE_TIME, TrainConfig, reply_audit, reply_metrics, reply_partition)
+                                  DEFENSE_TIME, SAMPLE_INDICES, TrainConfig, reply_audit, reply_metrics,
+                                  reply_partition)
 from fl_sim.task.datasets import Dataset
 from fl_sim.task.models import build_model, evaluate
 from strategies.config import ServerSpec
@@ -281,6 +282,8 @@ class CuriousFedAvg(FedAvg):
                                   "time_s": result.time_s, "iterations": result.iterations,
                                   "objective": result.objective, **result.extras}
         audit = reply_audit(msg)
+        if audit is not None and len(audit[SAMPLE_INDICES]) == 0:  # e.g. an empty Poisson batch (dp-sgd)
+            record["num_images"], audit = 0, None  # the update holds no image: nothing to score
         if audit is not None:
             scores = score_reconstruction(self.data, result, audit)
             truth, rec = scores.pop("truth"), scores.pop("reconstruction")

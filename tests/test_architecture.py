@@ -148,7 +148,9 @@ def test_every_defense_goes_through_the_client_pipeline_in_a_run_and_in_the_audi
     assert not reply.has_error(), reply.error
     arrays, _ = strategy.aggregate_train(1, [reply])
     assert arrays is not None and strategy.last_record["failures"] == []
-    assert "psnr" in strategy.last_record["attacks"][0]
+    attack = strategy.last_record["attacks"][0]
+    # dp-sgd's Poisson batch may be empty (q = B/n): then there is no image to score
+    assert "psnr" in attack or (defense == "dp-sgd" and attack["num_images"] == 0), attack
     record = run_audit(cfg, audit_dataset("fashion-mnist", client_app.load_dataset("fashion-mnist").x_train[:1],
                                           np.array([3])), tmp_path)
     assert (tmp_path / "attack.json").is_file() and record["defense"] == defense and record["iterations"] <= 1

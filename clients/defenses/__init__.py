@@ -7,8 +7,8 @@ named in the ``plugins`` key that registers itself.
 
 from __future__ import annotations
 
-from clients.defenses import dp, fedkl, graddefense, none, prune, quantize, soteria
-from clients.defenses.base import Defense, StepContext, per_sample_gradients
+from clients.defenses import dp, dp_sgd, fedkl, graddefense, local_dp, none, prune, quantize, soteria
+from clients.defenses.base import Defense, ReplyContext, StepContext, per_sample_gradients
 from fl_sim.task.keys import Key, merge
 from fl_sim.task.registry import Registry
 
@@ -18,6 +18,8 @@ DEFENSES.register("none", none.DEFENSE)
 DEFENSES.register("prune", prune.DEFENSE)
 DEFENSES.register("dp-gaussian", dp.GAUSSIAN)
 DEFENSES.register("dp-laplace", dp.LAPLACE)
+DEFENSES.register("dp-sgd", dp_sgd.DEFENSE)
+DEFENSES.register("local-dp", local_dp.DEFENSE)
 DEFENSES.register("soteria", soteria.DEFENSE)
 DEFENSES.register("graddefense", graddefense.DEFENSE)
 DEFENSES.register("fedkl", fedkl.DEFENSE)
@@ -36,4 +38,5 @@ def defense_keys() -> dict[str, Key]:
     return merge(DEFENSE_KEY, *(d.keys for d in DEFENSES.values()))
 
 
-__all__ = ["DEFENSES", "DEFENSE_KEY", "Defense", "StepContext", "defense_keys", "per_sample_gradients"]
+__all__ = ["DEFENSES", "DEFENSE_KEY", "Defense", "ReplyContext", "StepContext", "defense_keys",
+           "per_sample_gradients"]

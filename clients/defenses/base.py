@@ -5,8 +5,9 @@ object built from them, its checks against other keys, the public metrics it rep
 the gradient of every local SGD step (so training feels it, and so does what is sent). It may also keep per-client
 secrets across rounds in Flower's ``Context.state`` (a ``RecordDict`` that never leaves the client), touch the
 model after the global arrays are loaded (``on_model``) or the outgoing state dict before the reply is built
-(``on_reply``), and add per-round public diagnostics to the reply's metrics (``report``, e.g. the privacy budget
-spent). A server-side part, if any, is a server step in ``strategies/steps/``. Registering the module's
+(``on_reply``, which also sees the global arrays the server sent), choose the round's batches itself (``batches``,
+e.g. DP-SGD's Poisson sampling), read public values of other components' keys (``derive``, e.g. the number of
+rounds), and add per-round public diagnostics to the reply's metrics (``report``, e.g. the privacy budget spent). A server-side part, if any, is a server step in ``strategies/steps/``. Registering the module's
 :class:`Defense` in :data:`clients.defenses.DEFENSES` (one line) makes it a ``defense=NAME`` choice.
 
 :func:`per_sample_gradients` gives the per-sample gradients of a step's batch (``torch.func.vmap`` over
@@ -26,6 +27,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from fl_sim.task.config import TaskConfig
+from fl_sim.task.contract import TrainConfig
 from fl_sim.task.keys import ConfigError, Key, build
 
 
@@ -69,6 +71,25 @@ GradientFn = Callable[[list[torch.Tensor], StepContext], list[torch.Tensor]]
 
 
 @dataclass(frozen=True)
+class ReplyContext:
+    """What a defense's ``on_reply`` hook sees besides the outgoing state dict. Everything here stays on the client.
+
+    Attributes:
+        global_state: the state dict the server sent this round (CPU tensors, the server's key order), so that a
+            hook can work on the update ``local − global`` (e.g. Flower's ``LocalDpMod``).
+        seed: the client's secret seed of this round (the same one the batches and the step noise come from).
+        server_round: the server round.
+    """
+
+    global_state: Mapping[str, torch.Tensor]
+    seed: int
+    server_round: int = 0
+
+
+BatchesFn = Callable[[np.ndarray, TrainConfig, np.random.Generator, Any, RecordDict], list[np.ndarray]]
+
+
+@dataclass(frozen=True)
 class Defense:
     """A client-side defense: what its module declares.
 
@@ -87,8 +108,16 @@ class Defense:
             else may be added.
         on_model: optional ``(model, state, params, seed)`` hook run after the global arrays are loaded (train and
             evaluate); ``seed`` is the client's secret seed for secrets drawn once per run.
-        on_reply: optional ``(state_dict, state, params) -> state_dict`` hook run before the reply is built.
+        on_reply: optional ``(state_dict, state, params, reply) -> state_dict`` hook run before the reply is built;
+            ``reply`` is a :class:`ReplyContext` (the global arrays sent, the round's secret seed).
         report: optional ``(state, params) -> {metric: float}`` run after training (public diagnostics only).
+        batches: optional ``(partition, train_config, rng, params, state) -> [int64 index arrays]`` replacing
+            :func:`clients.training.batch_schedule` (the round's batches, one array of training-split indices per
+            local step; an array may be empty). ``rng`` is the round's secret ``numpy`` generator. It may raise
+            (e.g. a privacy budget that this round would exceed): the client then sends an error reply.
+        derive: optional ``(params, cfg) -> params`` run by :meth:`configure` after the defense's own keys are read:
+            fills in values taken from other components' public keys of the same run config (e.g. dp-sgd's planned
+            rounds from ``num-server-rounds``). It must not raise for a config that lacks those keys.
     """
 
     summary: str
@@ -100,8 +129,10 @@ class Defense:
     models: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
     on_model: Callable[[nn.Module, RecordDict, Any, int], None] | None = None
-    on_reply: Callable[[dict[str, torch.Tensor], RecordDict, Any], dict[str, torch.Tensor]] | None = None
+    on_reply: Callable[[dict[str, torch.Tensor], RecordDict, Any, ReplyContext], dict[str, torch.Tensor]] | None = None
     report: Callable[[RecordDict, Any], dict[str, float]] | None = None
+    batches: BatchesFn | None = None
+    derive: Callable[[Any, Mapping[str, Any]], Any] | None = None
 
     def configure(self, cfg: Mapping[str, Any]) -> Any:
         """The parameter object from a run config (``None`` for a defense without keys).
@@ -109,7 +140,10 @@ class Defense:
         Raises:
             ConfigError: a value its key does not allow, or a bad combination of its keys.
         """
-        return build(self.params, self.keys, cfg, self.prefix) if self.params is not None else None
+        if self.params is None:
+            return None
+        params = build(self.params, self.keys, cfg, self.prefix)
+        return self.derive(params, cfg) if self.derive is not None else params
 
     def validate(self, name: str, params: Any, task: TaskConfig) -> None:
         """Checks against the task's keys (the model it needs, and :attr:`check`).

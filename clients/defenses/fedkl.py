@@ -37,7 +37,7 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
-from clients.defenses.base import Defense, StepContext
+from clients.defenses.base import Defense, ReplyContext, StepContext
 from fl_sim.task.models import KeyLock, private_state_keys
 
 STATE_KEY = "fedkl"
@@ -74,8 +74,9 @@ def on_model(model: nn.Module, state: RecordDict, params: Any, seed: int) -> Non
     model.load_state_dict(secrets, strict=False)
 
 
-def on_reply(state_dict: dict[str, torch.Tensor], state: RecordDict, params: Any) -> dict[str, torch.Tensor]:
-    """Keep the trained lock layers (and the key) in ``state``; send zeros in their place.
+def on_reply(state_dict: dict[str, torch.Tensor], state: RecordDict, params: Any,
+             reply: ReplyContext | None = None) -> dict[str, torch.Tensor]:
+    """Keep the trained lock layers (and the key) in ``state``; send zeros in their place (``reply`` is not used).
 
     Raises:
         KeyError: :func:`on_model` was not run first (no secrets in ``state``).

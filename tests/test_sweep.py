@@ -361,11 +361,12 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
         assert c["cfg"]["client-num-cpus"] == 1.0 and len(c["summary"]["attacks"]) == 1
     rows = list(csv.reader((out / "table.csv").open()))
     assert rows[0] == ["attack", "metric", "fashion-mnist/none"]
-    assert [r[1] for r in rows[1:10]] == ["PSNR", "SSIM", "ACC", "ART", "PSNR std", "SSIM std", "ACC std",
-                                          "ART std", "n"]
-    assert {r[0] for r in rows[1:]} == {"DLG", "iDLG"} and len(rows) == 19
+    assert [r[1] for r in rows[1:16]] == ["PSNR", "PSNR chance", "SSIM", "SSIM chance", "ACC", "ART", "PSNR std",
+                                          "PSNR chance std", "SSIM std", "SSIM chance std", "ACC std", "ART std", "n",
+                                          "attacks succeeded", "attacks"]
+    assert {r[0] for r in rows[1:]} == {"DLG", "iDLG"} and len(rows) == 31
     for r in rows[1:]:
-        if r[1] in ("PSNR", "ACC"):
+        if r[1] in ("PSNR", "PSNR chance", "ACC"):
             assert float(r[2]) > 0
     md = (out / "table.md").read_text()
     assert md.count("| PSNR |") == 2 and "| ART | ref |" in md

@@ -16,8 +16,8 @@ Conventions:
 * a reconstruction is matched to the truth by a Hungarian assignment on MSE
   (``scipy.optimize.linear_sum_assignment``) before scoring, never best-of-batch, and only between sets of **equal
   size**: matching B′ reconstructions against a larger true set lets each pick its nearest of many images (an
-  unrelated image then scores 15.5 dB / SSIM 0.73 against a FedAvg client's ~1,000 images instead of 8.2 dB
-  against its own), so :func:`match` refuses unequal sizes;
+  unrelated Fashion-MNIST image scores 16.0 dB / SSIM 0.56 against the nearest of a FedAvg client's 1,000 images,
+  9.0 dB / SSIM 0.13 against one image; ``benchmarks/chance_levels.py``), so :func:`match` refuses unequal sizes;
 * every score has a **chance level** (:func:`chance_scores`): the same metric for a reconstruction that carries no
   information about the client — the training split's mean image, repeated for every true image and matched the
   same way. A PSNR at or below it means nothing was recovered.

@@ -280,7 +280,7 @@ def _with_attack(name, fn):
     ATTACKS.register(name, Attack(fn, SERVER_CONFIG, "test attack"))
 
 
-def test_a_declared_failure_is_recorded_and_counted(fmnist, tmp_path):
+def test_a_declared_failure_is_recorded_and_counted(fmnist, tmp_path, monkeypatch, capsys):
     def exhausted(payload, budget, options=None):
         raise BudgetExhausted("out of time before the first restart finished")
 
@@ -311,6 +311,17 @@ def test_a_declared_failure_is_recorded_and_counted(fmnist, tmp_path):
     md = write_run_report(run_dir).read_text()
     assert "2 of 3 attacks that succeeded" in md and "1 × BudgetExhausted" in md
     assert "failed: BudgetExhausted" in md and "| 10.00 ▼ | 12.00 |" in md and "| 30.00 | 12.00 |" in md
+    # and so does fl-sim run's table; a mean below chance is marked
+    from fl_sim.cli.run import print_summary
+
+    monkeypatch.setenv("COLUMNS", "200")
+    print_summary(run_dir)
+    text = capsys.readouterr().out
+    assert "2 of 3 succeeded (1 × BudgetExhausted)" in text and "12.0 dB / 0.400" in text and "▼" not in text
+    summary["attack_means"]["psnr"] = 11.0
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    print_summary(run_dir)
+    assert "11.0 dB / 0.600 ▼ (PSNR at or below chance: nothing recovered)" in capsys.readouterr().out
 
 
 def test_an_undeclared_exception_stops_the_run(fmnist):

@@ -145,12 +145,12 @@ def print_summary(run_dir: Path) -> None:
     ok = m.get("succeeded", len([a for a in attacks if "error" not in a]))
     failed = s.get("attack_failures") or {}
     table.add_row("attacks", f"{len(attacks)} × {s['settings'].get('attack')}, {ok} of {len(attacks)} succeeded"
-              + (f" ({', '.join(f'{v} × {k}' for k, v in sorted(failed.items()))})" if failed else ""))
+                  + (f" ({', '.join(f'{v} × {k}' for k, v in sorted(failed.items()))})" if failed else ""))
     psnr, ssim = m.get("psnr"), m.get("ssim")
     low = [name for name, v, c in (("PSNR", psnr, m.get("psnr_chance")), ("SSIM", ssim, m.get("ssim_chance")))
            if v is not None and c is not None and v <= c]
     table.add_row("mean attack PSNR / SSIM", f"{fmt(psnr, '.1f')} dB / {fmt(ssim, '.3f')}"
-                  + (f" ({' and '.join(low)} at or below chance: nothing recovered)" if low else ""))
+                  + (f" ▼ ({' and '.join(low)} at or below chance: nothing recovered)" if low else ""))
     table.add_row("chance PSNR / SSIM", f"{fmt(m.get('psnr_chance'), '.1f')} dB / {fmt(m.get('ssim_chance'), '.3f')}"
                   " (the training mean image)")
     table.add_row("mean label accuracy", fmt(m.get("label_accuracy"), ".2f"))

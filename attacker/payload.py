@@ -87,11 +87,15 @@ class DefenseInfo:
         name: the ``defense`` key.
         params: its parameter object (public parameters only; the defense's secrets never leave the client).
         metrics: the diagnostics it declares it adds to every reply (beyond the standard metrics).
+        own_batches: the defense draws the round's batches itself (e.g. DP-SGD's Poisson sampling), so how many
+            images an update holds is the client's secret draw; :func:`images_in_update` is then only the number
+            the batch size aims at.
     """
 
     name: str
     params: Any = None
     metrics: tuple[str, ...] = ()
+    own_batches: bool = False
 
 
 @dataclass(frozen=True)

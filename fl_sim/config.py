@@ -112,7 +112,8 @@ def specs(cfg: Mapping[str, Any]) -> RunSpecs:
     client = ClientSpec.from_config(cfg)
     for defense in DEFENSES.values():  # the keys of the defenses not chosen are checked too
         defense.configure(cfg)
-    info = DefenseInfo(client.defense_name, client.params, tuple(client.defense.metrics))
+    info = DefenseInfo(client.defense_name, client.params, tuple(client.defense.metrics),  # batches: its own sampling
+                       own_batches=getattr(client.defense, "batches", None) is not None)
     return RunSpecs(client, ServerSpec.from_config(cfg, info))
 
 

@@ -26,8 +26,10 @@ def below_mark(value: float | None, chance: float | None) -> str:
 
 def privacy_sentence(means: dict[str, Any], failures: dict[str, int]) -> str:
     """One Markdown sentence with the attack means, their chance levels and how many attacks they are over."""
-    n, m = means.get("succeeded"), means.get("attacks")
+    n, m, scored = means.get("succeeded"), means.get("attacks"), means.get("scored")
     failed = f" ({', '.join(f'{v} × {k}' for k, v in sorted(failures.items()))})" if failures else ""
+    if scored is not None and n is not None and scored < n:
+        failed += f"; {scored} of them scored (see the table)"
     text = (f"Mean over the **{n} of {m} attacks that succeeded**{failed}: PSNR **{_fmt(means.get('psnr'))} dB**"
             f"{below_mark(means.get('psnr'), means.get('psnr_chance'))} (chance {_fmt(means.get('psnr_chance'))} dB), "
             f"SSIM {_fmt(means.get('ssim'), '.3f')}{below_mark(means.get('ssim'), means.get('ssim_chance'))} "
@@ -120,10 +122,11 @@ def write_run_report(run_dir: str | Path) -> Path:
         ]
         for a in attacks:
             img = f"[png]({a['image']})" if a.get("image") else ""
-            if "error" in a:
+            if "error" in a or a.get("unscored"):
+                what = f"failed: {a['error']}" if "error" in a else f"not scored: {a['unscored']}"
                 lines.append(f"| {a.get('round')} | {a.get('client')} | {a.get('attack')} | {a.get('num_images', '')} "
-                             f"| failed: {str(a['error']).replace('|', '/')} | | | | | | {_fmt(a.get('time_s'), '.1f')} "
-                             "| | |")
+                             f"| {what.replace('|', '/')} | | | | | | {_fmt(a.get('time_s'), '.1f')} | "
+                             f"{a.get('iterations', '')} | |")
                 continue
             lines.append(
                 f"| {a.get('round')} | {a.get('client')} | {a.get('attack')} | {a.get('num_images', '')} | "

@@ -161,7 +161,9 @@ def attack_means(attacks: list[dict[str, Any]]) -> dict[str, Any]:
 
     A failed attack (a record with ``error``: a failure the attack declares, see :class:`attacker.AttackError`)
     has no scores; it is not hidden but counted: ``succeeded`` of ``attacks`` says how many records each mean is
-    taken over (a mean over 3 of 12 attacks is not a mean over 12). Empty when no attack ran.
+    taken over (a mean over 3 of 12 attacks is not a mean over 12), and ``scored`` how many of those have scores
+    (not those without an audit record, nor those marked ``unscored``: an update whose secret batch, drawn by the
+    defense, differs in size from the reconstruction). Empty when no attack ran.
     """
     if not attacks:
         return {}
@@ -171,6 +173,7 @@ def attack_means(attacks: list[dict[str, Any]]) -> dict[str, Any]:
         xs = [a[k] for a in ok if a.get(k) is not None]
         out[k] = float(np.mean(xs)) if xs else None
     out["succeeded"], out["attacks"] = len(ok), len(attacks)
+    out["scored"] = sum(1 for a in ok if a.get("psnr") is not None)
     return out
 
 

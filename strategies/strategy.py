@@ -32,7 +32,8 @@ from flwr.serverapp.strategy import FedAvg
 from attacker import AttackPayload
 from attacker.payload import AttackError, images_in_update, split_update
 from fl_sim.task.contract import (ARRAYS, CONFIG, NUM_EXAMPLES, STANDARD_METRICS, TRAIN_LOSS, TRAIN_TIME,
-                                  DEFENSE_TIME, TrainConfig, reply_audit, reply_metrics, reply_partition)
+                                  DEFENSE_TIME, SAMPLE_INDICES, TrainConfig, reply_audit, reply_metrics,
+                                  reply_partition)
 from fl_sim.task.datasets import Dataset
 from fl_sim.task.models import build_model, evaluate
 from strategies.config import ServerSpec
@@ -276,7 +277,11 @@ class CuriousFedAvg(FedAvg):
         ``ssim_chance``, ``mse_chance``, ``labels``, ``true_labels`` and ``image``. An attack that raises one of the
         failures it may declare (:class:`attacker.payload.AttackError`: not applicable, budget exhausted) gives a
         record with ``error`` (``"Type: message"``) and ``error_type`` instead of scores, and the run goes on (the
-        summary counts it); any other exception propagates and stops the run.
+        summary counts it); any other exception propagates and stops the run. When the defense draws the batches
+        itself (:attr:`attacker.payload.DefenseInfo.own_batches`, e.g. dp-sgd's Poisson batches) and the update
+        holds another number of images than the attack reconstructed (an empty batch included), the record has
+        ``num_images`` (the true count) and ``unscored`` (why) instead of scores: Hungarian matching is defined only
+        between sets of equal size, and neither padding nor a best-of subset would be an honest score.
 
         Raises:
             ValueError: the attack would reconstruct another number of images than the update holds (refused before
@@ -306,6 +311,13 @@ class CuriousFedAvg(FedAvg):
                                   "time_s": result.time_s, "iterations": result.iterations,
                                   "objective": result.objective, **result.extras, "num_images": holds}
         audit = reply_audit(msg)
+        used = len(set(int(i) for i in audit[SAMPLE_INDICES])) if audit is not None else holds
+        if used != holds and self.spec.defense.own_batches:
+            # the defense drew the batch itself (e.g. a Poisson batch of dp-sgd): its size is the client's secret and
+            # differs from what the attack reconstructed; scores are only defined between sets of equal size
+            record["num_images"], audit = used, None
+            record["unscored"] = (f"the update holds {used} images (drawn by defense={self.spec.defense.name!r}) "
+                                  f"and the attack reconstructed {holds}")
         if audit is not None:
             if self.chance_image is None:
                 self.chance_image = chance_reference(self.data)

@@ -350,6 +350,29 @@ def test_an_attack_returning_the_wrong_number_of_images_stops_the_run(fmnist):
         ATTACKS.unregister("two")
 
 
+def test_a_batch_the_defense_drew_itself_is_recorded_unscored_when_its_size_differs(fmnist):
+    """dp-sgd draws Poisson batches: the update's image count is the client's secret. Such an update is recorded
+    with its true count and no scores (never a best-of or padded match); without the declaration it is a bug."""
+    from dataclasses import replace
+
+    from fl_sim.task.contract import AUDIT
+
+    cfg = resolve({"attack": "idlg", "attack-iterations": 1})
+    strategy, reply, _ = audit_round(cfg, audit_dataset("fashion-mnist", fmnist.x_train[:3], fmnist.y_train[:3]))
+    assert "psnr" in strategy.last_record["attacks"][0]
+    audit = reply.content[AUDIT]
+    audit[SAMPLE_INDICES] = [0, 2]  # a batch of 2 where the attack reconstructs B = 1
+    with pytest.raises(ValueError, match="update holds 2"):
+        strategy.run_attack(1, reply)
+    strategy.spec = replace(strategy.spec, defense=replace(strategy.spec.defense, own_batches=True))
+    record = strategy.run_attack(1, reply)
+    assert record["num_images"] == 2 and "psnr" not in record and "reconstructed 1" in record["unscored"]
+    audit[SAMPLE_INDICES] = []  # an empty Poisson batch
+    assert strategy.run_attack(1, reply)["num_images"] == 0
+    means = summarize([{"round": 1, "attacks": [record]}], cfg, 1.0, "completed")["attack_means"]
+    assert (means["succeeded"], means["scored"], means["psnr"]) == (1, 0, None)
+
+
 # --- sweep tables ---------------------------------------------------------------------------------------------------
 def _cell(out: Path, cid: str, defense: str, index: int, psnr: float, chance: float, failed: int = 0) -> None:
     d = out / "cells" / cid

@@ -144,8 +144,10 @@ def print_summary(run_dir: Path) -> None:
     attacks = s.get("attacks", [])
     ok = m.get("succeeded", len([a for a in attacks if "error" not in a]))
     failed = s.get("attack_failures") or {}
+    scored = m.get("scored", ok)
     table.add_row("attacks", f"{len(attacks)} × {s['settings'].get('attack')}, {ok} of {len(attacks)} succeeded"
-                  + (f" ({', '.join(f'{v} × {k}' for k, v in sorted(failed.items()))})" if failed else ""))
+                  + (f" ({', '.join(f'{v} × {k}' for k, v in sorted(failed.items()))})" if failed else "")
+                  + (f", {scored} scored" if scored < ok else ""))
     psnr, ssim = m.get("psnr"), m.get("ssim")
     low = [name for name, v, c in (("PSNR", psnr, m.get("psnr_chance")), ("SSIM", ssim, m.get("ssim_chance")))
            if v is not None and c is not None and v <= c]

@@ -5,8 +5,10 @@ as an :class:`Attack`: the capabilities it needs (:class:`ThreatModel`; the serv
 own keys if any, and a check run before a federation starts. ``Budget`` says how much work (iterations, restarts,
 time limit, progress callback); ``AttackOptions`` says what is optimised (the adaptive knobs shared by every
 attack). Attacks see only the :class:`AttackPayload` — what a curious server holds, cut to what they declare — and
-import nothing from ``clients/``; scoring against the truth happens in the server harness
-(``strategies.evaluator``). A new attack is one module plus one ``ATTACKS.register`` line below.
+import nothing from ``clients/``. An attack that cannot reconstruct an update raises an :class:`AttackError`
+(:class:`NotApplicable` or :class:`BudgetExhausted`): the server records and counts it; any other exception is a
+bug and stops the run. Each attack says how many images it reconstructs (:attr:`Attack.images`); scoring against
+the truth happens in the server harness (``strategies.evaluator``). A new attack is one module plus one ``ATTACKS.register`` line below.
 """
 
 from __future__ import annotations
@@ -20,11 +22,18 @@ from torch import nn
 from attacker import dlg, ig, rgap
 from attacker import options as attack_options
 from attacker.options import AttackOptions
-from attacker.payload import (SERVER_CONFIG, AttackPayload, AttackResult, Budget, DefenseInfo, ThreatModel,
-                              ThreatModelError, update_to_gradient)
+from attacker.payload import (SERVER_CONFIG, AttackError, AttackPayload, AttackResult, Budget, BudgetExhausted,
+                              DefenseInfo, NotApplicable, ThreatModel, ThreatModelError, images_in_update,
+                              update_to_gradient)
 from fl_sim.task.config import TaskConfig
 from fl_sim.task.keys import Key, merge, read
 from fl_sim.task.registry import Registry
+
+
+def batch_images(task: TaskConfig, num_examples: int) -> int:
+    """Images reconstructed by an attack that inverts one batch: ``min(batch-size, num-examples)`` (what
+    :attr:`AttackPayload.batch_size` gives it). The default of :attr:`Attack.images`."""
+    return max(1, min(int(task.batch_size), int(num_examples)))
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,11 @@ class Attack:
         keys: run-config keys the attack owns besides the shared :data:`attacker.options.KEYS`.
         example: run keys of a small setting the attack applies to (the registry test runs every attack there,
             e.g. R-GAP on ``fcn3``).
+        images: ``(task, num_examples) -> int``, how many images the attack reconstructs from an update of a
+            client that reports ``num_examples`` under ``task``'s training protocol (default :func:`batch_images`).
+            A run is refused before it starts unless this equals the images the update holds
+            (:func:`attacker.payload.images_in_update`), so a reconstruction is always scored against a true set
+            of its own size.
     """
 
     run: Callable[[AttackPayload, Budget, AttackOptions | None], AttackResult]
@@ -48,6 +62,7 @@ class Attack:
     check: Callable[[nn.Module, TaskConfig], None] | None = None
     keys: Mapping[str, Key] = field(default_factory=dict)
     example: Mapping[str, Any] = field(default_factory=dict)
+    images: Callable[[TaskConfig, int], int] = batch_images
 
     def threat_for(self, options: AttackOptions) -> ThreatModel:
         """The threat model of this attack with these options (denoising needs the defense's public parameters)."""
@@ -67,7 +82,8 @@ ATTACKS.register("rgap", Attack(rgap.rgap, SERVER_CONFIG, "R-GAP (Zhu & Blaschko
                                 example={"model": "fcn3"}))
 ATTACKS.register("ig-fedavg", Attack(ig.ig_fedavg, SERVER_CONFIG, "Inverting Gradients on multi-step updates: "
                                                                   "unrolls the K local SGD steps the server set",
-                                     ig.check_fedavg, example={"mode": "fedavg", "local-steps": 2}))
+                                     ig.check_fedavg, example={"mode": "fedavg", "local-steps": 2},
+                                     images=ig.unrolled_images))
 
 #: The key that chooses the attack, and the keys of its :class:`Budget`.
 ATTACK_KEY = {"attack": Key("idlg", "gradient-inversion attack the server runs", choices=lambda: list(ATTACKS))}
@@ -98,6 +114,7 @@ def budget_from(cfg: Mapping[str, Any], seed: int) -> Budget:
                   time_limit_s=float(v["attack-time-limit"]), seed=int(seed))
 
 
-__all__ = ["ATTACKS", "ATTACK_KEY", "Attack", "AttackOptions", "AttackPayload", "AttackResult", "BUDGET_KEYS",
-           "Budget", "DefenseInfo", "ThreatModel", "ThreatModelError", "attack_keys", "budget_from",
+__all__ = ["ATTACKS", "ATTACK_KEY", "Attack", "AttackError", "AttackOptions", "AttackPayload", "AttackResult",
+           "BUDGET_KEYS", "Budget", "BudgetExhausted", "DefenseInfo", "NotApplicable", "ThreatModel",
+           "ThreatModelError", "attack_keys", "batch_images", "budget_from", "images_in_update",
            "update_to_gradient"]

@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from attacker.payload import AttackPayload
+from attacker.payload import AttackPayload, NotApplicable
 
 
 def matrix_shape(p: int, q: float, mode: str = "pad") -> tuple[int, int]:
@@ -93,12 +93,13 @@ def slice_noise_variance(params: object, lr: float, steps: int) -> float:
         steps: the local steps behind the update.
 
     Raises:
-        ValueError: ``params`` is not of a slice-noise defense (no ``sigma``/``slices``/``perturb_slices``).
+        NotApplicable: (a ``ValueError``) ``params`` is not of a slice-noise defense (no ``sigma``/``slices``/
+            ``perturb_slices``).
     """
     try:
         sigma, frac = float(params.sigma), int(params.perturb_slices) / int(params.slices)  # type: ignore[attr-defined]
     except AttributeError:
-        raise ValueError("attack-denoise=mp needs a defense with Gaussian slice noise (sigma, slices, "
+        raise NotApplicable("attack-denoise=mp needs a defense with Gaussian slice noise (sigma, slices, "
                          "perturb-slices: graddefense)") from None
     return frac * update_noise_variance(sigma, lr, steps)
 
@@ -115,7 +116,7 @@ def denoise_gradients(payload: AttackPayload, grads: list[torch.Tensor], q: floa
         The filtered gradients, same shapes.
 
     Raises:
-        ValueError: the defense has no public slice-noise parameters.
+        NotApplicable: the defense has no public slice-noise parameters.
         ThreatModelError: ``defense_params`` not granted.
     """
     info = payload._need(payload.defense, "the defense's public parameters (defense_params)")

@@ -44,8 +44,9 @@ from torch.func import functional_call
 from attacker import matching
 from attacker.labels import recover_labels
 from attacker.options import AttackOptions
-from attacker.payload import AttackPayload, AttackResult, Budget
+from attacker.payload import AttackPayload, AttackResult, Budget, NotApplicable
 from fl_sim.task.config import TaskConfig
+from fl_sim.task.contract import TrainConfig
 
 DEFAULT_ITERATIONS = 2000
 #: Default TV weight α (images in normalised space). The paper's notebooks use 1e-6 … 1e-4 for CIFAR and 1e-1 for
@@ -143,6 +144,19 @@ def _ig(payload: AttackPayload, budget: Budget, options: AttackOptions | None) -
     return AttackResult(x, labels.cpu(), total, time.perf_counter() - start, obj)
 
 
+def images_for(train_config: TrainConfig, num_examples: int) -> int:
+    """Distinct images ``ig-fedavg`` reconstructs from an update of a client reporting ``num_examples``:
+    ``min(num-examples, K × B)`` under ``fedavg`` (K = :meth:`TrainConfig.steps`), ``B`` under ``fedsgd``."""
+    n = int(num_examples)
+    b = max(1, min(int(train_config.batch_size), n))
+    return min(n, train_config.steps(n) * b) if train_config.mode == "fedavg" else b
+
+
+def unrolled_images(task: TaskConfig, num_examples: int) -> int:
+    """:attr:`attacker.Attack.images` of ``ig-fedavg``: :func:`images_for` under the task's train config."""
+    return images_for(task.train_config(), num_examples)
+
+
 def step_plan(payload: AttackPayload) -> tuple[int, int, list[list[int]]]:
     """The client's local steps as the server can reconstruct them from its own train config.
 
@@ -151,12 +165,12 @@ def step_plan(payload: AttackPayload) -> tuple[int, int, list[list[int]]]:
         local step the indices (into the reconstructed images) of its batch.
 
     Raises:
-        ValueError: more than :data:`MAX_IMAGES` distinct images would be needed.
+        NotApplicable: more than :data:`MAX_IMAGES` distinct images would be needed.
     """
     b, k, n = payload.batch_size, payload.local_steps, int(payload.num_examples)
-    num = min(n, k * b) if payload.train_config.mode == "fedavg" else b
+    num = images_for(payload.train_config, n)
     if num > MAX_IMAGES:
-        raise ValueError(f"ig-fedavg would reconstruct {num} images (local steps {k} × batch {b}, "
+        raise NotApplicable(f"ig-fedavg would reconstruct {num} images (local steps {k} × batch {b}, "
                          f"num-examples {n}); at most {MAX_IMAGES} are supported — use local-steps")
     steps, pos = [], 0
     for _ in range(k):
@@ -300,6 +314,6 @@ def ig_fedavg(payload: AttackPayload, budget: Budget, options: AttackOptions | N
         ``min(num-examples, K·B)`` images ``(N, C, H, W)`` in normalised space and their labels.
 
     Raises:
-        ValueError: the update would need more than :data:`MAX_IMAGES` images.
+        NotApplicable: the update would need more than :data:`MAX_IMAGES` images.
     """
     return _unrolled(payload, budget, options)

@@ -29,6 +29,26 @@ class ThreatModelError(Exception):
     """An attack used a payload field its :class:`ThreatModel` does not grant (a bug in the attack)."""
 
 
+class AttackError(Exception):
+    """A failure an attack declares: it could not produce a reconstruction of *this* update.
+
+    The server counts such a failure (the attack record holds ``error`` and the run's summary says "n of m attacks
+    succeeded") and goes on; any other exception from an attack is a bug and stops the run with its traceback.
+    Raise one of the two subclasses.
+    """
+
+
+class NotApplicable(AttackError, ValueError):
+    """The attack cannot run on this update (e.g. R-GAP on a layer it cannot invert, a batch its method does not
+    cover, a defense without the public parameters a denoiser needs). Also a ``ValueError``, so that the checks run
+    before a federation starts (which turn ``ValueError`` into a one-line ``ConfigError``) see it too."""
+
+
+class BudgetExhausted(AttackError, TimeoutError):
+    """The attack ran out of its :class:`Budget` (time limit, iterations) before it had any reconstruction to
+    return. Attacks that hold a best-so-far result return that instead (``extras["stop"]`` says why)."""
+
+
 @dataclass(frozen=True)
 class ThreatModel:
     """What an attack may see beyond the global model and the update (LeakPro-style capability flags).
@@ -67,11 +87,15 @@ class DefenseInfo:
         name: the ``defense`` key.
         params: its parameter object (public parameters only; the defense's secrets never leave the client).
         metrics: the diagnostics it declares it adds to every reply (beyond the standard metrics).
+        own_batches: the defense draws the round's batches itself (e.g. DP-SGD's Poisson sampling), so how many
+            images an update holds is the client's secret draw; :func:`images_in_update` is then only the number
+            the batch size aims at.
     """
 
     name: str
     params: Any = None
     metrics: tuple[str, ...] = ()
+    own_batches: bool = False
 
 
 @dataclass(frozen=True)
@@ -191,6 +215,42 @@ def update_to_gradient(update: list[torch.Tensor], lr: float, steps: int) -> lis
         raise ValueError(f"cannot convert an update to a gradient with lr={lr} and steps={steps}")
     scale = -1.0 / (lr * steps)
     return [u * scale for u in update]
+
+
+def images_in_update(train_config: TrainConfig, num_examples: int) -> int:
+    """How many distinct images an update holds, from what the server knows: the train config it sent and the
+    client's ``num-examples`` (the rule of ``clients.training.batch_schedule``).
+
+    * ``fedsgd``: the one batch, ``min(batch-size, num-examples)`` images (``num-examples`` is B there).
+    * ``fedavg`` with ``local-steps = K > 0``: ``K × B`` images while they fit in one pass over the client's
+      ``n = num-examples`` samples; the whole partition ``n`` when ``K × B > n`` and ``B`` divides ``n`` (the first
+      pass already used every sample).
+    * ``fedavg`` with ``local-steps = 0``: ``local-epochs`` full passes, so the whole partition ``n``.
+
+    Args:
+        train_config: the train config the server sent.
+        num_examples: the ``num-examples`` the client reported (fedavg: its partition size).
+
+    Returns:
+        The number of distinct training images behind the update (>= 1).
+
+    Raises:
+        ValueError: the number is not determined by what the server knows: ``K × B > n`` with ``n`` not a multiple
+            of ``B`` (the first pass leaves ``n mod B`` samples out, and whether the reshuffled next pass picks them
+            up is the client's secret draw).
+    """
+    n, b = int(num_examples), max(1, int(train_config.batch_size))
+    if train_config.mode == "fedsgd":
+        return max(1, min(b, n))
+    if train_config.local_steps == 0:
+        return n
+    k = int(train_config.local_steps)
+    if k * b <= n:
+        return k * b
+    if n % b == 0:
+        return n
+    raise ValueError(f"local-steps={k} × batch-size={b} = {k * b} exceeds the client's {n} samples, which "
+                     f"batch-size does not divide: the update holds between {n - n % b} and {n} distinct images")
 
 
 def split_update(global_state: Mapping[str, torch.Tensor], returned: Mapping[str, torch.Tensor],

@@ -42,7 +42,7 @@ from torch import nn
 
 from attacker.labels import recover_labels
 from attacker.options import AttackOptions
-from attacker.payload import AttackPayload, AttackResult, Budget
+from attacker.payload import AttackPayload, AttackResult, Budget, BudgetExhausted, NotApplicable
 from fl_sim.task.config import TaskConfig
 from fl_sim.task.datasets import DATASETS
 from fl_sim.task.models import classifier_layer
@@ -77,7 +77,7 @@ def _inverse(act: nn.Module | None, y: torch.Tensor) -> tuple[torch.Tensor, torc
     if isinstance(act, nn.LeakyReLU):
         s = float(act.negative_slope)
         if s <= 0:
-            raise ValueError("R-GAP needs an invertible activation; LeakyReLU with slope 0 is ReLU")
+            raise NotApplicable("R-GAP needs an invertible activation; LeakyReLU with slope 0 is ReLU")
         neg = y < 0
         return torch.where(neg, y / s, y), torch.where(neg, torch.full_like(y, s), torch.ones_like(y))
     if isinstance(act, nn.Sigmoid):
@@ -86,7 +86,7 @@ def _inverse(act: nn.Module | None, y: torch.Tensor) -> tuple[torch.Tensor, torc
     if isinstance(act, nn.Tanh):
         yc = y.clamp(-1 + 1e-12, 1 - 1e-12)
         return torch.atanh(yc), 1 - yc * yc
-    raise ValueError(f"R-GAP needs invertible activations; {type(act).__name__} is not supported")
+    raise NotApplicable(f"R-GAP needs invertible activations; {type(act).__name__} is not supported")
 
 
 def network_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[Layer]:
@@ -96,11 +96,12 @@ def network_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[Layer
     optionally followed by one invertible activation, and ``Flatten``.
 
     Raises:
-        ValueError: pooling, normalisation, non-invertible activations or anything else R-GAP cannot invert.
+        NotApplicable: (a ``ValueError``) pooling, normalisation, non-invertible activations or anything else R-GAP
+            cannot invert.
     """
     features = getattr(model, "features", None)
     if not isinstance(features, nn.Sequential):
-        raise ValueError(f"R-GAP needs a model with a `features` Sequential before `fc`; {type(model).__name__} has none")
+        raise NotApplicable(f"R-GAP needs a model with a `features` Sequential before `fc`; {type(model).__name__} has none")
     ids = {id(p): i for i, p in enumerate(model.parameters())}
     layers: list[Layer] = []
     shape = tuple(input_shape)
@@ -115,9 +116,9 @@ def network_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[Layer
             i += 1
             continue
         if not isinstance(m, (nn.Conv2d, nn.Linear)):
-            raise ValueError(f"R-GAP cannot invert {type(m).__name__} (conv/linear layers without pooling only)")
+            raise NotApplicable(f"R-GAP cannot invert {type(m).__name__} (conv/linear layers without pooling only)")
         if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.dilation != (1, 1) or m.padding_mode != "zeros"):
-            raise ValueError("R-GAP supports plain convolutions only (groups 1, dilation 1, zero padding)")
+            raise NotApplicable("R-GAP supports plain convolutions only (groups 1, dilation 1, zero padding)")
         act = None
         if i + 1 < len(mods) and not isinstance(mods[i + 1], (nn.Conv2d, nn.Linear, nn.Flatten)):
             act = mods[i + 1]
@@ -365,7 +366,9 @@ def rgap(payload: AttackPayload, budget: Budget, options: AttackOptions | None =
         Images ``(B, C, H, W)`` in normalised space and the labels (read off the recovered ``k = p − e_y``).
 
     Raises:
-        ValueError: a model R-GAP cannot invert, or B > 1 with convolutions.
+        NotApplicable: a model R-GAP cannot invert, or B > 1 with convolutions.
+        BudgetExhausted: the time limit passed before the last layer was solved (a closed-form inversion has no
+            partial result to return).
     """
     start = time.perf_counter()
     options = options or AttackOptions()
@@ -374,7 +377,7 @@ def rgap(payload: AttackPayload, budget: Budget, options: AttackOptions | None =
     grads = [g.detach() for g in payload.gradients(model)]
     batch = payload.batch_size
     if batch > 1 and any(isinstance(l.module, nn.Conv2d) for l in layers):
-        raise ValueError("R-GAP recovers mini-batches for fully-connected nets only; this model has convolutions")
+        raise NotApplicable("R-GAP recovers mini-batches for fully-connected nets only; this model has convolutions")
     labels = recover_labels(model, grads, batch, options.labels, payload.input_shape) if batch > 1 else None
     a, k = _classifier_top(model, grads, batch, labels)  # (d, B), (C, B)
     fc = classifier_layer(model)
@@ -404,7 +407,7 @@ def rgap(payload: AttackPayload, budget: Budget, options: AttackOptions | None =
         if budget.progress is not None:
             budget.progress(len(full_rank), 0.0)
         if budget.time_limit_s and time.perf_counter() - start > budget.time_limit_s:
-            raise TimeoutError(f"R-GAP exceeded its time limit of {budget.time_limit_s} s")
+            raise BudgetExhausted(f"R-GAP exceeded its time limit of {budget.time_limit_s} s")
     images = torch.tensor(x_out, dtype=torch.float32).reshape(batch, *payload.input_shape)
     rec_labels = torch.tensor(np.argmin(k, axis=0), dtype=torch.long) if labels is None else labels
     # objective: relative residual of the recovered input's gradient against the observed one

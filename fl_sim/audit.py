@@ -29,12 +29,13 @@ from skimage import color, io, transform
 from attacker import AttackPayload
 from clients.client_app import client_seed
 from clients.pipeline import client_update
-from fl_sim.config import ConfigError, check_attack_with_model, check_model, specs
+from fl_sim.config import ConfigError, check_attack_images, check_attack_with_model, check_model, specs
 from fl_sim.results import atomic_write_text, finite, save_pair_figure
 from fl_sim.task import contract
 from fl_sim.task.contract import TrainConfig
 from fl_sim.task.datasets import DATASETS, Dataset
 from fl_sim.task.models import build_model
+from strategies.evaluator import chance_reference
 from strategies.strategy import CuriousFedAvg
 
 
@@ -136,25 +137,46 @@ class AuditRecorder:
 AUDIT_NODE = 1
 
 
-def audit_round(cfg: Mapping[str, Any], data: Dataset, out_dir: Path | None = None
-                ) -> tuple[CuriousFedAvg, Message, ArrayRecord | None]:
+def channel_mean_image(name: str) -> np.ndarray:
+    """The chance-level image when no training split is at hand: the dataset ``name``'s public per-channel
+    normalisation mean, as a constant ``float32 (C, H, W)`` image in [0, 1]."""
+    spec = DATASETS[name]
+    return np.broadcast_to(np.asarray(spec.mean, np.float32)[:, None, None], spec.input_shape).copy()
+
+
+#: ``chance_reference`` in ``attack.json``: which image the chance levels were computed with.
+CHANCE_MEAN_IMAGE, CHANCE_CHANNEL_MEAN = "training-split mean image", "per-channel normalisation mean"
+
+
+def audit_round(cfg: Mapping[str, Any], data: Dataset, out_dir: Path | None = None,
+                reference: Dataset | None = None) -> tuple[CuriousFedAvg, Message, ArrayRecord | None]:
     """Round 1 of a one-client federation on ``data`` (see the module docstring), attacked.
+
+    Args:
+        cfg: a resolved run config.
+        data: the client's data (its training split is the client's partition).
+        out_dir: where the reconstruction figure goes (none when ``None``).
+        reference: the dataset whose training split's mean image is the chance level (e.g. the full dataset the
+            audited samples come from); ``None`` = :func:`channel_mean_image` (``data``'s own mean would be the mean
+            of the audited images, which carries information about them).
 
     Returns:
         ``(strategy, reply, aggregate)``: the strategy after the round (its ``last_record`` holds the attack), the
         client's reply as the server received it, and the aggregated (and server-stepped) global model.
 
     Raises:
-        ConfigError: a model that does not take these inputs, layer patterns that match nothing, or an attack that
-            cannot run on this model.
+        ConfigError: a model that does not take these inputs, layer patterns that match nothing, an attack that
+            cannot run on this model, or one that would not reconstruct as many images as the update holds.
     """
     run = specs(cfg)
     task = run.server.task
     torch.manual_seed(task.seed)
     model = check_model(cfg, data.input_shape, data.num_classes)
     check_attack_with_model(cfg, model)
+    check_attack_images({**cfg, "attack-every": 1, "victim": "0"}, {0: len(data.y_train)})
     server = replace(run.server, server=replace(run.server.server, attack_every=1, victim="0"))
     strategy = CuriousFedAvg(server, data, AuditRecorder(out_dir))
+    strategy.chance_image = channel_mean_image(data.name) if reference is None else chance_reference(reference)
     arrays = ArrayRecord({k: v.detach().clone() for k, v in model.state_dict().items()})
     record = strategy.new_record(1)
     train_config = task.train_config(record["lr"], 1)
@@ -171,7 +193,8 @@ def audit_round(cfg: Mapping[str, Any], data: Dataset, out_dir: Path | None = No
     return strategy, reply, aggregate
 
 
-def run_audit(cfg: Mapping[str, Any], data: Dataset, out_dir: Path | None = None) -> dict[str, Any]:
+def run_audit(cfg: Mapping[str, Any], data: Dataset, out_dir: Path | None = None,
+              reference: Dataset | None = None) -> dict[str, Any]:
     """Attack the update one client would send after training on the images of ``data``'s training split.
 
     Args:
@@ -179,26 +202,34 @@ def run_audit(cfg: Mapping[str, Any], data: Dataset, out_dir: Path | None = None
             ``local-steps``, ``local-epochs``, ``seed``, the ``attack-*`` and ``defense-*`` keys).
         data: the client's data (:func:`audit_dataset`, or a real dataset restricted to the chosen indices).
         out_dir: where to write ``attack.json`` and ``reconstruction.png`` (nothing is written when ``None``).
+        reference: the dataset whose training-split mean image gives the chance levels (see :func:`audit_round`).
 
     Returns:
-        The ``attack.json`` content: ``psnr`` (dB), ``ssim``, ``mse``, ``label_accuracy``, ``time_s``,
-        ``iterations``, ``objective``, the recovered and true labels, the settings and the attack's extras.
+        The ``attack.json`` content: ``psnr`` (dB), ``ssim``, ``mse``, their chance levels ``psnr_chance``,
+        ``ssim_chance``, ``mse_chance`` and ``chance_reference`` (the image they were computed with:
+        :data:`CHANCE_MEAN_IMAGE` or :data:`CHANCE_CHANNEL_MEAN`), ``label_accuracy``, ``time_s``, ``iterations``,
+        ``objective``, the recovered and true labels, the settings and the attack's extras.
 
     Raises:
-        ConfigError: as :func:`audit_round`, or an attack that fails on this update.
+        ConfigError: as :func:`audit_round`, or an attack that fails on this update (a declared
+            :class:`attacker.AttackError`).
     """
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    strategy, reply, _ = audit_round(cfg, data, out_dir)
+    strategy, reply, _ = audit_round(cfg, data, out_dir, reference)
     attack = strategy.last_record["attacks"][0]
     if "error" in attack:
         raise ConfigError(f"attack={cfg['attack']!r} cannot run on model={cfg['model']!r} with this update: "
                           f"{attack['error']}")
     metrics = contract.reply_metrics(reply)
     known = {"round", "client", "attack", "time_s", "iterations", "objective", "psnr", "ssim", "mse",
-             "label_accuracy", "labels", "true_labels", "image", "num_images"}
+             "psnr_chance", "ssim_chance", "mse_chance", "label_accuracy", "labels", "true_labels", "image",
+             "num_images"}
     record: dict[str, Any] = {
         "psnr": attack["psnr"], "ssim": attack["ssim"], "mse": attack["mse"],
+        "psnr_chance": attack["psnr_chance"], "ssim_chance": attack["ssim_chance"],
+        "mse_chance": attack["mse_chance"],
+        "chance_reference": CHANCE_CHANNEL_MEAN if reference is None else CHANCE_MEAN_IMAGE,
         "label_accuracy": attack.get("label_accuracy"), "time_s": attack["time_s"],
         "iterations": attack["iterations"], "objective": attack["objective"], "labels": attack["labels"],
         "true_labels": attack["true_labels"], "attack": str(cfg["attack"]), "model": str(cfg["model"]),

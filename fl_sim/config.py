@@ -20,7 +20,7 @@ from typing import Any
 import tomli_w
 import torch
 
-from attacker import DefenseInfo, attack_keys
+from attacker import DefenseInfo, attack_keys, images_in_update
 from clients.config import CLIENT_KEYS, ClientSpec
 from clients.defenses import DEFENSES, defense_keys
 from fl_sim.task.config import TASK_KEYS, load_plugins
@@ -112,7 +112,8 @@ def specs(cfg: Mapping[str, Any]) -> RunSpecs:
     client = ClientSpec.from_config(cfg)
     for defense in DEFENSES.values():  # the keys of the defenses not chosen are checked too
         defense.configure(cfg)
-    info = DefenseInfo(client.defense_name, client.params, tuple(client.defense.metrics))
+    info = DefenseInfo(client.defense_name, client.params, tuple(client.defense.metrics),  # batches: its own sampling
+                       own_batches=getattr(client.defense, "batches", None) is not None)
     return RunSpecs(client, ServerSpec.from_config(cfg, info))
 
 
@@ -156,6 +157,47 @@ def check_attack_with_model(cfg: Mapping[str, Any], model: torch.nn.Module) -> N
                           f"layer of model={task.model!r} out of the matching loss")
 
 
+def check_attack_images(cfg: Mapping[str, Any], partition_sizes: Mapping[int, int]) -> None:
+    """Check that the attack reconstructs as many images as each attacked client's update holds.
+
+    The server knows every client's ``num-examples`` before the run (B under ``fedsgd``, the partition size under
+    ``fedavg``), so the images an update holds (:func:`attacker.payload.images_in_update`) and the images the attack
+    reconstructs (:attr:`attacker.Attack.images`) are both known here. Scoring B′ reconstructions against a larger
+    true set would let each pick its nearest of many images and flatter the attack, so such a run is refused.
+
+    Args:
+        cfg: a resolved config.
+        partition_sizes: partition id → number of samples, for the partitions the victim may be (all of them for
+            ``victim=random``; the caller may pass more).
+
+    Raises:
+        ConfigError: one line naming the attack, the mode and the image counts, for the first partition whose
+            update holds another number of images than the attack reconstructs (or an undetermined number).
+    """
+    run = specs(cfg).server
+    plan, task, victim = run.attack, run.task, run.server.victim
+    if run.server.attack_every == 0:
+        return
+    tc = task.train_config()
+    steps = f"local-steps={task.local_steps}" if task.local_steps else f"local-epochs={task.local_epochs}"
+    setting = f"mode={task.mode!r}" + ("" if task.mode == "fedsgd" else f" ({steps}, batch-size={task.batch_size})")
+    for pid, size in sorted(partition_sizes.items()):
+        if victim != "random" and str(pid) != victim:
+            continue
+        n = tc.num_examples(size)
+        try:
+            holds = images_in_update(tc, n)
+        except ValueError as exc:
+            raise ConfigError(f"attack={plan.name!r} is not allowed with {setting}: partition {pid}: {exc}; choose "
+                              "local-steps so that local-steps × batch-size <= the partition size") from exc
+        wants = plan.attack.images(task, n)
+        if wants != holds:
+            raise ConfigError(
+                f"attack={plan.name!r} is not allowed with {setting}: the update of partition {pid} holds {holds} "
+                f"images and {plan.name} reconstructs {wants}; an attack must reconstruct as many images as the "
+                "update holds (use mode=fedsgd, or an attack that unrolls the local steps, such as ig-fedavg)")
+
+
 def check_model(cfg: Mapping[str, Any], input_shape: tuple[int, int, int], num_classes: int) -> torch.nn.Module:
     """Build the configured model for ``input_shape`` and run one zero input through it in eval mode (so that
     BatchNorm's running statistics stay as built), leaving it in train mode.
@@ -174,14 +216,16 @@ def check_model(cfg: Mapping[str, Any], input_shape: tuple[int, int, int], num_c
     return model
 
 
-def check_feasible(cfg: Mapping[str, Any]) -> None:
+def check_feasible(cfg: Mapping[str, Any], machine: bool = True) -> None:
     """Checks that need the data, the model or the machine (run once before a simulation starts).
 
-    Loads the dataset (cached), builds the partitions and the model, and looks for CUDA when GPUs are asked for.
+    Loads the dataset (cached), builds the partitions and the model, and (``machine``) looks for CUDA when GPUs are
+    asked for — the ServerApp of a deployment leaves that to the SuperNodes' machines.
 
     Raises:
-        ConfigError: a batch larger than some partition, a model that does not fit the dataset, GPUs requested on
-            a machine without CUDA, or data that cannot be loaded.
+        ConfigError: a batch larger than some partition, an attack that would not reconstruct as many images as
+            the attacked update holds (:func:`check_attack_images`), a model that does not fit the dataset, GPUs
+            requested on a machine without CUDA, or data that cannot be loaded.
     """
     task = specs(cfg).server.task
     try:
@@ -198,8 +242,9 @@ def check_feasible(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"batch-size={task.batch_size} is not allowed; the smallest partition holds {smallest} samples "
             f"({task.num_supernodes} clients, partition={task.partition!r}), so batch-size must be <= {smallest}")
+    check_attack_images(cfg, {i: len(p) for i, p in enumerate(parts)})
     check_attack_with_model(cfg, check_model(cfg, ds.input_shape, ds.num_classes))
-    if float(cfg["client-num-gpus"]) > 0 and not torch.cuda.is_available():
+    if machine and float(cfg["client-num-gpus"]) > 0 and not torch.cuda.is_available():
         raise ConfigError(f"client-num-gpus={cfg['client-num-gpus']} is not allowed on this machine: CUDA is not "
                           "available; use client-num-gpus=0")
 

@@ -8,11 +8,38 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from fl_sim.results import read_metrics
+from fl_sim.results import attack_means, read_metrics
 
 
 def _fmt(x: Any, spec: str = ".2f") -> str:
     return "–" if x is None else format(x, spec)
+
+
+#: Appended to a PSNR or SSIM at or below its chance level.
+BELOW_MARK = "▼"
+
+
+def below_mark(value: float | None, chance: float | None) -> str:
+    """``" ▼"`` when ``value`` is at or below its chance level (nothing recovered), else ``""``."""
+    return f" {BELOW_MARK}" if value is not None and chance is not None and value <= chance else ""
+
+
+def privacy_sentence(means: dict[str, Any], failures: dict[str, int]) -> str:
+    """One Markdown sentence with the attack means, their chance levels and how many attacks they are over."""
+    n, m, scored = means.get("succeeded"), means.get("attacks"), means.get("scored")
+    failed = f" ({', '.join(f'{v} × {k}' for k, v in sorted(failures.items()))})" if failures else ""
+    if scored is not None and n is not None and scored < n:
+        failed += f"; {scored} of them scored (see the table)"
+    text = (f"Mean over the **{n} of {m} attacks that succeeded**{failed}: PSNR **{_fmt(means.get('psnr'))} dB**"
+            f"{below_mark(means.get('psnr'), means.get('psnr_chance'))} (chance {_fmt(means.get('psnr_chance'))} dB), "
+            f"SSIM {_fmt(means.get('ssim'), '.3f')}{below_mark(means.get('ssim'), means.get('ssim_chance'))} "
+            f"(chance {_fmt(means.get('ssim_chance'), '.3f')}), MSE {_fmt(means.get('mse'), '.2e')} (chance "
+            f"{_fmt(means.get('mse_chance'), '.2e')}), label accuracy {_fmt(means.get('label_accuracy'), '.2f')}, "
+            f"{_fmt(means.get('time_s'), '.1f')} s per attack.")
+    psnr, chance = means.get("psnr"), means.get("psnr_chance")
+    if psnr is not None and chance is not None and psnr <= chance:
+        text += " **The mean PSNR is at or below the chance level: nothing recovered.**"
+    return text
 
 
 def accuracy_figure(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
@@ -85,19 +112,28 @@ def write_run_report(run_dir: str | Path) -> Path:
     ]
     attacks = summary.get("attacks") or [a for r in records for a in r.get("attacks", [])]
     if attacks:
+        if "succeeded" not in means:  # a run still going (no summary yet), or a summary of an older fl-sim
+            means = attack_means(attacks)
+        lines += [privacy_sentence(means, summary.get("attack_failures") or {}), ""]
         lines += [
-            f"Mean over {len(attacks)} attacks: PSNR **{_fmt(means.get('psnr'))} dB**, SSIM "
-            f"{_fmt(means.get('ssim'), '.3f')}, MSE {_fmt(means.get('mse'), '.2e')}, label accuracy "
-            f"{_fmt(means.get('label_accuracy'), '.2f')}, {_fmt(means.get('time_s'), '.1f')} s per attack.",
-            "",
-            "| round | client | attack | PSNR (dB) | SSIM | MSE | label acc. | time (s) | iterations | image |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| round | client | attack | images | PSNR (dB) | PSNR chance | SSIM | SSIM chance | MSE | label acc. | "
+            "time (s) | iterations | image |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for a in attacks:
             img = f"[png]({a['image']})" if a.get("image") else ""
+            if "error" in a or a.get("unscored"):
+                what = f"failed: {a['error']}" if "error" in a else f"not scored: {a['unscored']}"
+                lines.append(f"| {a.get('round')} | {a.get('client')} | {a.get('attack')} | {a.get('num_images', '')} "
+                             f"| {what.replace('|', '/')} | | | | | | {_fmt(a.get('time_s'), '.1f')} | "
+                             f"{a.get('iterations', '')} | |")
+                continue
             lines.append(
-                f"| {a.get('round')} | {a.get('client')} | {a.get('attack')} | {_fmt(a.get('psnr'))} | "
-                f"{_fmt(a.get('ssim'), '.3f')} | {_fmt(a.get('mse'), '.2e')} | {_fmt(a.get('label_accuracy'))} | "
+                f"| {a.get('round')} | {a.get('client')} | {a.get('attack')} | {a.get('num_images', '')} | "
+                f"{_fmt(a.get('psnr'))}{below_mark(a.get('psnr'), a.get('psnr_chance'))} | "
+                f"{_fmt(a.get('psnr_chance'))} | "
+                f"{_fmt(a.get('ssim'), '.3f')}{below_mark(a.get('ssim'), a.get('ssim_chance'))} | "
+                f"{_fmt(a.get('ssim_chance'), '.3f')} | {_fmt(a.get('mse'), '.2e')} | {_fmt(a.get('label_accuracy'))} | "
                 f"{_fmt(a.get('time_s'), '.1f')} | {a.get('iterations', '')} | {img} |"
             )
         first = next((a for a in attacks if a.get("image")), None)
@@ -107,8 +143,13 @@ def write_run_report(run_dir: str | Path) -> Path:
         lines.append("No attack ran.")
     lines += [
         "",
-        "PSNR and SSIM are computed with scikit-image on de-normalised [0, 1] images after Hungarian matching; "
-        "SSIM is standard SSIM (not breaching's CW-SSIM).",
+        "PSNR, SSIM and MSE are computed on de-normalised [0, 1] images after a Hungarian matching between the "
+        "reconstruction and the images the update holds (always as many as the attack reconstructs). SSIM is "
+        "Wang et al. (2004): 11×11 Gaussian window, σ = 1.5, population covariance (scikit-image with "
+        "gaussian_weights=True, sigma=1.5, use_sample_covariance=False; torchmetrics' definition), not breaching's "
+        "CW-SSIM. *Chance* is the same metric for the training split's mean image in place of the reconstruction: "
+        f"a reconstruction that knows nothing about the client. {BELOW_MARK} marks a score at or below its chance "
+        "level: nothing recovered.",
         "",
     ]
     path = run_dir / "report.md"

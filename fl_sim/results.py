@@ -17,7 +17,9 @@ evaluated that round), ``round_time_s`` (client phase + aggregation, attacks and
 ``failures`` (replies dropped, per client: ``node``, ``partition_id``, ``reason`` — error replies, malformed
 updates, no reply within ``round-timeout``, dropouts), ``skipped`` (only when fewer than ``min-replies`` replies were
 usable: why the global model was kept) and ``attacks`` (per attack: ``round``, ``client``, ``attack``,
-``psnr``, ``ssim``, ``mse``, ``label_accuracy``, ``time_s``, ``iterations``, ``image``).
+``num_images``, ``psnr``, ``ssim``, ``mse``, their chance levels ``psnr_chance``, ``ssim_chance``, ``mse_chance``,
+``label_accuracy``, ``time_s``, ``iterations``, ``image``; a failed attack has ``error`` and ``error_type``
+instead of scores).
 """
 
 from __future__ import annotations
@@ -175,15 +177,51 @@ def privacy_block(records: list[dict[str, Any]], cfg: Mapping[str, Any]) -> dict
             "clients": dict(sorted(clients.items(), key=lambda kv: (len(kv[0]), kv[0])))}
 
 
+#: The per-attack fields :func:`attack_means` averages (scores, their chance levels, label accuracy, time).
+MEAN_FIELDS = ("psnr", "ssim", "mse", "psnr_chance", "ssim_chance", "mse_chance", "label_accuracy", "time_s")
+
+
+def attack_means(attacks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The means of :data:`MEAN_FIELDS` over the attacks that succeeded, with how many did.
+
+    A failed attack (a record with ``error``: a failure the attack declares, see :class:`attacker.AttackError`)
+    has no scores; it is not hidden but counted: ``succeeded`` of ``attacks`` says how many records each mean is
+    taken over (a mean over 3 of 12 attacks is not a mean over 12), and ``scored`` how many of those have scores
+    (not those without an audit record, nor those marked ``unscored``: an update whose secret batch, drawn by the
+    defense, differs in size from the reconstruction). Empty when no attack ran.
+    """
+    if not attacks:
+        return {}
+    ok = [a for a in attacks if "error" not in a]
+    out: dict[str, Any] = {}
+    for k in MEAN_FIELDS:
+        xs = [a[k] for a in ok if a.get(k) is not None]
+        out[k] = float(np.mean(xs)) if xs else None
+    out["succeeded"], out["attacks"] = len(ok), len(attacks)
+    out["scored"] = sum(1 for a in ok if a.get("psnr") is not None)
+    return out
+
+
+def attack_failures(attacks: list[dict[str, Any]]) -> dict[str, int]:
+    """Failed attacks per error type (``error_type``, else the text before the first colon of ``error``)."""
+    out: dict[str, int] = {}
+    for a in attacks:
+        if "error" in a:
+            kind = a.get("error_type") or str(a["error"]).split(":", 1)[0]
+            out[kind] = out.get(kind, 0) + 1
+    return out
+
+
 def summarize(records: list[dict[str, Any]], cfg: Mapping[str, Any], wall_time_s: float | None,
               status: str) -> dict[str, Any]:
     """Build ``summary.json``'s content from the per-round records.
 
     Fields: ``status`` (``completed``/``interrupted``/``failed``), ``rounds`` (rounds recorded), ``final_accuracy``
     and ``final_loss`` (last evaluated round), ``best_accuracy``, ``wall_time_s``, ``mean_round_time_s`` (ART's
-    numerator), ``mean_train_time_s``, ``mean_defense_time_s``, ``attacks`` (every attack record),
-    ``attack_means`` (mean psnr/ssim/mse/label_accuracy/time_s over attacks), the key settings and, for a DP
-    defense, ``privacy`` (:func:`privacy_block`).
+    numerator), ``mean_train_time_s``, ``mean_defense_time_s``, ``attacks`` (every attack record, failed ones
+    included), ``attack_means`` (:func:`attack_means`: the means over the attacks that succeeded, their chance
+    levels, and ``succeeded`` of ``attacks``), ``attack_failures`` (error type → count), the key settings and, for
+    a DP defense, ``privacy`` (:func:`privacy_block`).
     """
     evaluated = [r for r in records if r.get("accuracy") is not None]
     attacks = [a for r in records for a in r.get("attacks", [])]
@@ -204,8 +242,8 @@ def summarize(records: list[dict[str, Any]], cfg: Mapping[str, Any], wall_time_s
         "mean_train_time_s": mean([c.get("train_time_s") for c in clients]),
         "mean_defense_time_s": mean([c.get("defense_time_s") for c in clients]),
         "attacks": attacks,
-        "attack_means": {k: mean([a.get(k) for a in attacks]) for k in
-                         ("psnr", "ssim", "mse", "label_accuracy", "time_s")} if attacks else {},
+        "attack_means": attack_means(attacks),
+        "attack_failures": attack_failures(attacks),
         "settings": {k: cfg[k] for k in ("dataset", "model", "mode", "batch-size", "lr", "num-supernodes",
                                          "num-server-rounds", "defense", "attack", "seed") if k in cfg},
     }

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from flwr.superlink.grid import InMemoryGrid
 
-from fl_sim.config import ConfigError, resolve, specs
+from fl_sim.config import ConfigError, check_feasible, resolve, specs
 from fl_sim.report import write_run_report
 from fl_sim.results import RunRecorder, read_metrics, run_dir_for, summarize, write_summary
 from fl_sim.task.datasets import load_dataset
@@ -200,8 +200,10 @@ def check_simulation_gpus(cfg: Mapping[str, Any]) -> None:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run``: resolve the run config and run the federation."""
+    """Entry point for ``flwr run``: resolve and check the run config (the data-dependent checks too, before the
+    first round), then run the federation."""
     cfg = resolve(context.run_config)
+    check_feasible(cfg, machine=False)
     if isinstance(grid, InMemoryGrid):  # simulation runtime: clients run on this machine
         check_simulation_gpus(cfg)
     run_server(grid, cfg)

@@ -30,14 +30,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from attacker import AttackPayload
-from attacker.payload import split_update
+from attacker.payload import AttackError, images_in_update, split_update
 from fl_sim.task.contract import (ARRAYS, CONFIG, NUM_EXAMPLES, STANDARD_METRICS, TRAIN_LOSS, TRAIN_TIME,
                                   DEFENSE_TIME, SAMPLE_INDICES, TrainConfig, reply_audit, reply_metrics,
                                   reply_partition)
 from fl_sim.task.datasets import Dataset
 from fl_sim.task.models import build_model, evaluate
 from strategies.config import ServerSpec
-from strategies.evaluator import score_reconstruction
+from strategies.evaluator import chance_reference, score_reconstruction
 from strategies.faults import check_reply, discover_partitions, sample_partitions
 from strategies.rounds import SentRound, cast_like, sent_round
 
@@ -91,6 +91,9 @@ class CuriousFedAvg(FedAvg):
         self.eval_model = build_model(spec.task.model, data.input_shape, data.num_classes)
         self.parameter_names = [n for n, _ in self.eval_model.named_parameters()]
         self._sent: SentRound | None = None
+        #: the chance-level reconstruction (``(C, H, W)`` in [0, 1]); None = the training split's mean image, computed
+        #: at the first scored attack (the one-shot audit sets it: its training split is the audited images alone)
+        self.chance_image: np.ndarray | None = None
         self.partition_of: dict[int, int] = {}  # Flower node id -> partition id (learnt by query.whoami)
         self.excluded: set[int] = set()  # nodes that did not answer query.whoami or were replaced (never sampled)
         self._record: dict[str, Any] = {}
@@ -266,35 +269,70 @@ class CuriousFedAvg(FedAvg):
         return self.payload(msg).cut(plan.attack.threat_for(plan.options))
 
     def run_attack(self, server_round: int, msg: Message) -> dict[str, Any]:
-        """Run the configured attack on ``msg``'s update, score it with the evaluator, save the figure."""
+        """Run the configured attack on ``msg``'s update, score it with the evaluator, save the figure.
+
+        The record holds ``round``, ``client``, ``attack``, ``time_s``, ``num_images`` (the images the update holds,
+        which the attack reconstructs), ``iterations``, ``objective`` and the attack's extras; when the reply has an
+        audit record also ``psnr``, ``ssim``, ``mse``, ``label_accuracy``, their chance levels ``psnr_chance``,
+        ``ssim_chance``, ``mse_chance``, ``labels``, ``true_labels`` and ``image``. An attack that raises one of the
+        failures it may declare (:class:`attacker.payload.AttackError`: not applicable, budget exhausted) gives a
+        record with ``error`` (``"Type: message"``) and ``error_type`` instead of scores, and the run goes on (the
+        summary counts it); any other exception propagates and stops the run. When the defense draws the batches
+        itself (:attr:`attacker.payload.DefenseInfo.own_batches`, e.g. dp-sgd's Poisson batches) and the update
+        holds another number of images than the attack reconstructed (an empty batch included), the record has
+        ``num_images`` (the true count) and ``unscored`` (why) instead of scores: Hungarian matching is defined only
+        between sets of equal size, and neither padding nor a best-of subset would be an honest score.
+
+        Raises:
+            ValueError: the attack would reconstruct another number of images than the update holds (refused before
+                a run starts by :func:`fl_sim.config.check_attack_images`; here for runs started without it), or
+                the evaluator's refusal of a reconstruction of the wrong size.
+        """
         plan = self.spec.attack
         client = reply_partition(msg)
         payload = self.attack_payload(msg)
+        num_examples = int(reply_metrics(msg)[NUM_EXAMPLES])
+        holds = images_in_update(self._sent.train_config, num_examples)
+        wants = plan.attack.images(self.spec.task, num_examples)
+        if wants != holds:
+            raise ValueError(f"attack={plan.name!r} reconstructs {wants} image(s) but the update of client {client} "
+                             f"holds {holds} (mode={self._sent.train_config.mode!r}); an attack must reconstruct as "
+                             "many images as the update holds")
         budget = plan.budget_for(self.spec.task.seed, server_round)
         t0 = time.perf_counter()
         try:
             result = plan.attack.run(payload, budget, plan.options)
-        except (ValueError, TimeoutError, RuntimeError) as exc:  # an attack that cannot run on this update
-            log(INFO, "attack round %s client %s failed: %s", server_round, client, exc)
-            return {"round": server_round, "client": client, "attack": plan.name,
-                    "time_s": time.perf_counter() - t0, "error": f"{type(exc).__name__}: {exc}"}
+        except AttackError as exc:  # a failure the attack declares: counted, the run goes on
+            log(WARNING, "attack round %s client %s failed: %s: %s", server_round, client, type(exc).__name__, exc)
+            return {"round": server_round, "client": client, "attack": plan.name, "num_images": holds,
+                    "time_s": time.perf_counter() - t0, "error": f"{type(exc).__name__}: {exc}",
+                    "error_type": type(exc).__name__}
         record: dict[str, Any] = {"round": server_round, "client": client, "attack": plan.name,
                                   "time_s": result.time_s, "iterations": result.iterations,
-                                  "objective": result.objective, **result.extras}
+                                  "objective": result.objective, **result.extras, "num_images": holds}
         audit = reply_audit(msg)
-        if audit is not None and len(audit[SAMPLE_INDICES]) == 0:  # e.g. an empty Poisson batch (dp-sgd)
-            record["num_images"], audit = 0, None  # the update holds no image: nothing to score
+        used = len(set(int(i) for i in audit[SAMPLE_INDICES])) if audit is not None else holds
+        if used != holds and self.spec.defense.own_batches:
+            # the defense drew the batch itself (e.g. a Poisson batch of dp-sgd): its size is the client's secret and
+            # differs from what the attack reconstructed; scores are only defined between sets of equal size
+            record["num_images"], audit = used, None
+            record["unscored"] = (f"the update holds {used} images (drawn by defense={self.spec.defense.name!r}) "
+                                  f"and the attack reconstructed {holds}")
         if audit is not None:
-            scores = score_reconstruction(self.data, result, audit)
+            if self.chance_image is None:
+                self.chance_image = chance_reference(self.data)
+            scores = score_reconstruction(self.data, result, audit, self.chance_image)
             truth, rec = scores.pop("truth"), scores.pop("reconstruction")
             labels, true_labels = scores.pop("labels"), scores.pop("true_labels")
             record.update(scores)
             record["labels"], record["true_labels"], record["num_images"] = labels, true_labels, len(truth)
+            below = " (below chance: nothing recovered)" if scores["psnr"] <= scores["psnr_chance"] else ""
             title = (f"round {server_round}, client {client}, {plan.name}: "
-                     f"PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.3f}")
+                     f"PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.3f} (chance "
+                     f"{scores['psnr_chance']:.1f} dB, {scores['ssim_chance']:.3f}){below}")
             record["image"] = self.recorder.save_attack_figure(server_round, truth, rec, title, labels, true_labels)
         log(INFO, "attack round %s client %s: %s", server_round, client,
-            {k: record.get(k) for k in ("psnr", "ssim", "label_accuracy", "time_s")})
+            {k: record.get(k) for k in ("psnr", "psnr_chance", "ssim", "ssim_chance", "label_accuracy", "time_s")})
         return record
 
     # -- central evaluation, end of round ------------------------------------------------------------------------

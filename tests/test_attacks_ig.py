@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attacker import ATTACKS, AttackOptions, AttackPayload, Budget
+from attacker import ATTACKS, AttackOptions, AttackPayload, Budget, images_in_update
 from attacker.ig import box, label_orders, step_plan, total_variation
+from fl_sim.task.config import TaskConfig
 from fl_sim.task.contract import TrainConfig
 from fl_sim.task.datasets import denormalize, to_tensor
 from fl_sim.task.models import build_model
@@ -64,11 +65,18 @@ def test_ig_fedavg_unrolls_local_steps_and_finds_the_label_order(fmnist):
     assert s["psnr"] > 25
 
 
-def test_ig_fedavg_beats_single_step_matching_on_a_multistep_update(fmnist):
+def test_single_step_matching_of_a_multistep_update_is_refused(fmnist):
+    """``ig`` reconstructs one batch (1 image) but the 3-step update holds 3: a run refuses it before it starts,
+    and the scores refuse to match 1 image against 3 (it would pick the nearest of the three)."""
     idx = np.array([3, 10, 17])
     payload, x, y = local_sgd_payload(fmnist, idx, 3, 1)
-    plain = _score(fmnist, ATTACKS["ig"].run(payload, Budget(iterations=150, seed=0)), x, y)
-    assert plain["psnr"] < 20  # one image for a 3-image update: the rest is unmatched
+    task = TaskConfig.from_config({"mode": "fedavg", "local-steps": 3, "batch-size": 1})
+    assert images_in_update(payload.train_config, payload.num_examples) == 3
+    assert ATTACKS["ig"].images(task, payload.num_examples) == 1
+    assert ATTACKS["ig-fedavg"].images(task, payload.num_examples) == 3
+    plain = ATTACKS["ig"].run(payload, Budget(iterations=2, seed=0))
+    with pytest.raises(ValueError, match="equal size"):
+        _score(fmnist, plain, x, y)
 
 
 def test_total_variation_is_the_anisotropic_mean():

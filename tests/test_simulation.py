@@ -32,10 +32,13 @@ def test_two_clients_two_rounds_write_summary(small_run):
     assert 0.0 <= summary["final_accuracy"] <= 1.0 and summary["wall_time_s"] > 0
     assert len(summary["attacks"]) == 2
     for a in summary["attacks"]:
-        assert {"round", "client", "attack", "psnr", "ssim", "mse", "label_accuracy", "time_s"} <= set(a)
+        assert {"round", "client", "attack", "psnr", "ssim", "mse", "label_accuracy", "time_s", "psnr_chance",
+                "ssim_chance", "mse_chance", "num_images"} <= set(a)
         assert a["client"] == "0" and a["attack"] == "idlg"
-    # round 1 attacks the untrained model's FedSGD update of one image: near-exact
-    assert summary["attacks"][0]["psnr"] > 30
+    # round 1 attacks the untrained model's FedSGD update of one image: near-exact, far above chance
+    assert summary["attacks"][0]["psnr"] > 30 > summary["attacks"][0]["psnr_chance"]
+    assert summary["attack_means"]["succeeded"] == summary["attack_means"]["attacks"] == 2
+    assert summary["attack_means"]["psnr_chance"] is not None and summary["attack_failures"] == {}
 
 
 def test_run_directory_layout(small_run):

@@ -212,7 +212,7 @@ def test_sweep_table_numbers_layout_and_figures(tmp_path):
     rows = list(csv.reader((out / "table.csv").open()))
     assert rows[0] == ["attack", "metric", "fashion-mnist/none", "fashion-mnist/slower"]
     body = {(r[0], r[1]): r[2:] for r in rows[1:]}
-    assert len(rows) == 1 + 2 * 9  # per attack: 4 means, 4 stds, n
+    assert len(rows) == 1 + 2 * 15  # per attack: 6 means (4 + 2 chance levels), 6 stds, n, attacks succeeded/run
     for attack in ("dlg", "idlg"):
         for j, defense in enumerate(("none", "slower")):
             psnrs = [truth[(attack, defense, s)][0] for s in "01"]
@@ -361,11 +361,12 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
         assert c["cfg"]["client-num-cpus"] == 1.0 and len(c["summary"]["attacks"]) == 1
     rows = list(csv.reader((out / "table.csv").open()))
     assert rows[0] == ["attack", "metric", "fashion-mnist/none"]
-    assert [r[1] for r in rows[1:10]] == ["PSNR", "SSIM", "ACC", "ART", "PSNR std", "SSIM std", "ACC std",
-                                          "ART std", "n"]
-    assert {r[0] for r in rows[1:]} == {"DLG", "iDLG"} and len(rows) == 19
+    assert [r[1] for r in rows[1:16]] == ["PSNR", "PSNR chance", "SSIM", "SSIM chance", "ACC", "ART", "PSNR std",
+                                          "PSNR chance std", "SSIM std", "SSIM chance std", "ACC std", "ART std", "n",
+                                          "attacks succeeded", "attacks"]
+    assert {r[0] for r in rows[1:]} == {"DLG", "iDLG"} and len(rows) == 31
     for r in rows[1:]:
-        if r[1] in ("PSNR", "ACC"):
+        if r[1] in ("PSNR", "PSNR chance", "ACC"):
             assert float(r[2]) > 0
     md = (out / "table.md").read_text()
     assert md.count("| PSNR |") == 2 and "| ART | ref |" in md

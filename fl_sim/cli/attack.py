@@ -68,13 +68,19 @@ def attack(
     torch.set_num_threads(1)
     if out is None:
         out = Path(str(cfg["out-dir"])) / ("audit-" + default_run_name(cfg))
+    from fl_sim.task.datasets import load_dataset
+
+    # the chance level: the mean image of the training split the samples come from (files: the channel means)
+    reference = load_dataset(name, str(cfg["data-dir"])) if index is not None else None
     try:
-        record = run_audit(cfg, audit_dataset(name, images, labels), out)
+        record = run_audit(cfg, audit_dataset(name, images, labels), out, reference)
     except ConfigError as exc:
         fail(str(exc))
     lab = "–" if record["label_accuracy"] is None else f"{record['label_accuracy']:.2f}"
+    below = ", below chance: nothing recovered" if record["psnr"] <= record["psnr_chance"] else ""
     typer.echo(f"{record['attack']} on {record['model']} ({record['defense']}, {record['num_images']} image(s)): "
-               f"PSNR {record['psnr']:.2f} dB, SSIM {record['ssim']:.3f}, MSE {record['mse']:.2e}, label accuracy "
+               f"PSNR {record['psnr']:.2f} dB, SSIM {record['ssim']:.3f} (chance {record['psnr_chance']:.2f} dB, "
+               f"{record['ssim_chance']:.3f}{below}), MSE {record['mse']:.2e}, label accuracy "
                f"{lab}, {record['iterations']} iterations in {record['time_s']:.2f} s")
     typer.echo(str(out))
 

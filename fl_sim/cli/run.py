@@ -141,8 +141,20 @@ def print_summary(run_dir: Path) -> None:
     table.add_row("rounds", str(s.get("rounds")))
     table.add_row("wall time", f"{fmt(s.get('wall_time_s'), '.1f')} s")
     table.add_row("mean round time", f"{fmt(s.get('mean_round_time_s'), '.3f')} s")
-    table.add_row("attacks", f"{len(s.get('attacks', []))} × {s['settings'].get('attack')}")
-    table.add_row("mean attack PSNR / SSIM", f"{fmt(m.get('psnr'), '.1f')} dB / {fmt(m.get('ssim'), '.3f')}")
+    attacks = s.get("attacks", [])
+    ok = m.get("succeeded", len([a for a in attacks if "error" not in a]))
+    failed = s.get("attack_failures") or {}
+    scored = m.get("scored", ok)
+    table.add_row("attacks", f"{len(attacks)} × {s['settings'].get('attack')}, {ok} of {len(attacks)} succeeded"
+                  + (f" ({', '.join(f'{v} × {k}' for k, v in sorted(failed.items()))})" if failed else "")
+                  + (f", {scored} scored" if scored < ok else ""))
+    psnr, ssim = m.get("psnr"), m.get("ssim")
+    low = [name for name, v, c in (("PSNR", psnr, m.get("psnr_chance")), ("SSIM", ssim, m.get("ssim_chance")))
+           if v is not None and c is not None and v <= c]
+    table.add_row("mean attack PSNR / SSIM", f"{fmt(psnr, '.1f')} dB / {fmt(ssim, '.3f')}"
+                  + (f" ▼ ({' and '.join(low)} at or below chance: nothing recovered)" if low else ""))
+    table.add_row("chance PSNR / SSIM", f"{fmt(m.get('psnr_chance'), '.1f')} dB / {fmt(m.get('ssim_chance'), '.3f')}"
+                  " (the training mean image)")
     table.add_row("mean label accuracy", fmt(m.get("label_accuracy"), ".2f"))
     table.add_row("mean attack time", f"{fmt(m.get('time_s'), '.1f')} s")
     table.add_row("run directory", str(run_dir))

@@ -30,7 +30,8 @@ def sweep_figures(cells: list[dict[str, Any]], settings: dict[str, Any], sweep_d
     * ``accuracy[-GROUP].png``: test accuracy against round, one line per label of the last column axis (the
       defense): the mean over its cells (seeds, attacks), shaded between their min and max.
     * ``privacy-utility.png``: one point per cell, final accuracy (%) against mean attack PSNR (dB); colour = last
-      column axis, marker = first panel axis (the attack); one subplot per GROUP.
+      column axis, marker = first panel axis (the attack); one subplot per GROUP; a dashed line at the cells' mean
+      chance PSNR (the training mean image: below it nothing was recovered).
     * ``montage[-GROUP].png``: rows = labels of the last column axis, columns = labels of the first panel axis;
       each panel is the first attacked round's figure (truth above reconstruction) of the cell with the smallest
       averaged-axis labels (the first seed).
@@ -92,13 +93,20 @@ def sweep_figures(cells: list[dict[str, Any]], settings: dict[str, Any], sweep_d
 
     fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4), squeeze=False)
     for ax, g in zip(axes[0], groups):
+        chance = []
         for c in cells:
-            psnr = (c["summary"].get("attack_means") or {}).get("psnr")
-            acc = c["summary"].get("final_accuracy")
+            means = c["summary"].get("attack_means") or {}
+            psnr, acc = means.get("psnr"), c["summary"].get("final_accuracy")
             if not in_group(c, g) or psnr is None or acc is None:
                 continue
+            if means.get("psnr_chance") is not None:
+                chance.append(means["psnr_chance"])
             ax.scatter(acc * 100, psnr, color=colours[label_of(c, line_name)], edgecolor="black", linewidth=0.4,
                        marker=shapes[label_of(c, marker_name)] if marker_name else "o", s=36)
+        if chance:  # below this line an attack recovered nothing (the training mean image scores as well)
+            ax.axhline(float(np.mean(chance)), color="grey", linestyle="--", linewidth=0.8)
+            ax.text(0.01, float(np.mean(chance)), " chance (mean image)", transform=ax.get_yaxis_transform(),
+                    va="bottom", ha="left", fontsize=7, color="grey")
         ax.set_xlabel("final test accuracy (%)  → more useful")
         ax.set_ylabel("mean attack PSNR (dB)  → less private")
         ax.set_title(" · ".join(g) or "privacy–utility", fontsize=9)
@@ -134,7 +142,9 @@ def sweep_figures(cells: list[dict[str, Any]], settings: dict[str, Any], sweep_d
                     ax.text(0.5, 0.5, "–", ha="center", va="center")
                 else:
                     ax.imshow(_crop_white(mpimg.imread(cell["dir"] / attack["image"])))
-                    ax.text(0.5, -0.02, f"PSNR {attack.get('psnr', float('nan')):.1f} dB, round {attack['round']}",
+                    chance = attack.get("psnr_chance")
+                    ax.text(0.5, -0.02, f"PSNR {attack.get('psnr', float('nan')):.1f} dB"
+                            + (f" (chance {chance:.1f})" if chance is not None else "") + f", round {attack['round']}",
                             transform=ax.transAxes, ha="center", va="top", fontsize=7)
                 if j == 0:
                     ax.text(-0.04, 0.5, label, transform=ax.transAxes, ha="right", va="center", fontsize=9,

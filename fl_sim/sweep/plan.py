@@ -84,8 +84,7 @@ def check_cells_feasible(spec: SweepSpec, cells: list[Cell]) -> None:
     """
     done: set[tuple] = set()
     for cell in cells:
-        key = tuple(sorted((k, v) for k, v in cell.config.items() if k not in RUNTIME_KEYS and
-                           not k.startswith("attack")))
+        key = tuple(sorted((k, v) for k, v in cell.config.items() if k not in RUNTIME_KEYS))
         if key in done:
             continue
         try:

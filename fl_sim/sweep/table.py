@@ -13,10 +13,13 @@ import numpy as np
 from fl_sim.results import read_metrics
 
 # --- sweeps: seed 001's table and the figures over cells ----------------------------------------------------------
-#: The rows of seed 001's table, in its order: (name, what it is).
+#: The rows of seed 001's table, in its order, with the chance level under each score: (name, what it is).
 SWEEP_ROWS = (
-    ("PSNR", "mean attack PSNR over the cell's attacks (dB)"),
-    ("SSIM", "mean attack SSIM over the cell's attacks"),
+    ("PSNR", "mean attack PSNR over the cell's attacks that succeeded (dB)"),
+    ("PSNR chance", "the same for the training split's mean image in place of each reconstruction: a "
+                    "reconstruction that knows nothing about the client (dB)"),
+    ("SSIM", "mean attack SSIM (Wang et al. 2004, Gaussian window σ = 1.5) over the cell's attacks that succeeded"),
+    ("SSIM chance", "the same for the training split's mean image"),
     ("ACC", "final test accuracy (%)"),
     ("ART", "average round time over the baseline's with the other axes equal, minus 1 (%)"),
 )
@@ -121,6 +124,16 @@ def _stats(values: list[float | None]) -> tuple[float | None, float | None, int]
     return float(np.mean(xs)), (float(np.std(xs, ddof=1)) if len(xs) > 1 else None), len(xs)
 
 
+def attack_counts(cells: list[dict[str, Any]]) -> tuple[int, int]:
+    """``(succeeded, run)``: the attacks that succeeded and all attacks run, summed over ``cells``."""
+    ok = run = 0
+    for c in cells:
+        attacks = c["summary"].get("attacks") or []
+        run += len(attacks)
+        ok += sum(1 for a in attacks if "error" not in a)
+    return ok, run
+
+
 def sweep_table(cells: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
     """Seed 001's table over a sweep's finished cells.
 
@@ -133,9 +146,12 @@ def sweep_table(cells: list[dict[str, Any]], settings: dict[str, Any]) -> dict[s
     * ART: ``(t / t_base − 1) × 100`` with ``t`` = :func:`art_round_time` and ``t_base`` the same for the cell
       whose baseline axis holds the baseline label and whose other axis labels are all equal (same seed too).
 
+    * PSNR chance, SSIM chance: the same over the cells' ``attack_means`` ``psnr_chance`` / ``ssim_chance``.
+
     Returns:
         ``{"columns": [names], "column_keys": [label tuples], "panel_axes": [names], "panels": [{"key": label
-        tuple, "rows": {row: [(mean, std, n) per column]}}], "baseline": (axis, label) | None}``.
+        tuple, "rows": {row: [(mean, std, n) per column]}, "attacks": [(succeeded, run) per column]}],
+        "baseline": (axis, label) | None}``.
     """
     names = [a["name"] for a in settings["axes"]]
     columns = list(settings["columns"])
@@ -155,32 +171,46 @@ def sweep_table(cells: list[dict[str, Any]], settings: dict[str, Any]) -> dict[s
     def metrics(cell: dict[str, Any]) -> dict[str, float | None]:
         means = cell["summary"].get("attack_means") or {}
         acc = cell["summary"].get("final_accuracy")
-        return {"PSNR": means.get("psnr"), "SSIM": means.get("ssim"),
-                "ACC": None if acc is None else acc * 100.0, "ART": art(cell)}
+        return {"PSNR": means.get("psnr"), "PSNR chance": means.get("psnr_chance"), "SSIM": means.get("ssim"),
+                "SSIM chance": means.get("ssim_chance"), "ACC": None if acc is None else acc * 100.0,
+                "ART": art(cell)}
 
     column_keys = order(cells, columns, settings, complete=True)
     panels = []
     for pkey in order(cells, panel_axes, settings, complete=True):
         in_panel = [c for c in cells if tuple(label_of(c, a) for a in panel_axes) == pkey]
         rows: dict[str, list[tuple[float | None, float | None, int]]] = {r: [] for r, _ in SWEEP_ROWS}
+        attacks: list[tuple[int, int]] = []
         for ckey in column_keys:
-            group = [metrics(c) for c in in_panel if tuple(label_of(c, n) for n in columns) == ckey]
+            cols = [c for c in in_panel if tuple(label_of(c, n) for n in columns) == ckey]
+            group = [metrics(c) for c in cols]
             for r, _ in SWEEP_ROWS:
                 rows[r].append(_stats([m[r] for m in group]))
-        panels.append({"key": pkey, "rows": rows})
+            attacks.append(attack_counts(cols))
+        panels.append({"key": pkey, "rows": rows, "attacks": attacks})
     return {"columns": columns, "column_keys": column_keys, "panel_axes": panel_axes, "panels": panels,
             "average": average, "baseline": baseline}
 
 
-def _cell_text(row: str, stat: tuple[float | None, float | None, int], is_baseline: bool) -> str:
+#: Appended to a PSNR or SSIM entry whose mean is at or below its chance level's mean: nothing recovered.
+BELOW_CHANCE = "▼"
+
+
+def _cell_text(row: str, stat: tuple[float | None, float | None, int], is_baseline: bool,
+               chance: tuple[float | None, float | None, int] | None = None) -> str:
+    """One table entry: ``mean ± std`` in the row's format (``ref`` for ART's baseline, ``–`` when empty), with
+    :data:`BELOW_CHANCE` when ``chance`` (the entry's chance-level stat) is given and the mean is not above it."""
     mean, std, _n = stat
     if row == "ART" and is_baseline and mean is not None:
         return "ref"
     if mean is None:
         return "–"
+    kind = row.split()[0]
     fmt = {"PSNR": lambda x: f"{x:.2f}", "SSIM": lambda x: f"{x:.1e}", "ACC": lambda x: f"{x:.2f}%",
-           "ART": lambda x: f"{x:+.2f}%"}[row]
+           "ART": lambda x: f"{x:+.2f}%"}[kind]
     text = fmt(mean)
     if std is not None:
-        text += " ± " + ({"ACC": f"{std:.2f}", "ART": f"{std:.2f}"}.get(row) or fmt(std))
+        text += " ± " + ({"ACC": f"{std:.2f}", "ART": f"{std:.2f}"}.get(kind) or fmt(std))
+    if chance is not None and chance[0] is not None and mean <= chance[0]:
+        text += f" {BELOW_CHANCE}"
     return text

@@ -8,8 +8,9 @@ non-empty state writes it, with the server round, to its **state directory**:
 * simulation (``fl-sim run``): ``RUN_DIR/clients/partition-P/``; the harness names ``RUN_DIR/clients`` in the
   environment variable :data:`STATE_DIR_ENV` its Ray workers inherit;
 * deployment: the node config's ``state-dir`` (``deploy/supernode.sh`` with ``STATE_DIR=...``), on the node:
-  ``STATE_DIR/<run>/partition-P/``, where ``<run>`` is the run config's ``run-name`` (or ``run-<Flower run id>``
-  when it is empty).
+  ``STATE_DIR/run-<Flower run id>/partition-P/``. The run id is the SuperLink's for the whole run, so a restarted
+  SuperNode finds its state, and a new run (a new id) never picks up an old run's. (Resuming the server of a
+  deployed run is not wired up; it would have to name the killed run's id.)
 
 Files are ``round-NNNNNN.state`` (Flower's protobuf serialisation of the ``RecordDict``), written atomically
 (temporary file, fsync, rename). After writing round ``r`` only round ``r`` and the latest file before it are kept:
@@ -48,12 +49,12 @@ def partition_dir(root: Path, partition_id: int) -> Path:
 def state_dir(context: Context, partition_id: int) -> Path | None:
     """This client's state directory, or ``None`` when neither the node config nor the environment names one.
 
-    Node config ``state-dir`` wins (``STATE_DIR/<run>/partition-P``); else :data:`STATE_DIR_ENV`
+    Node config ``state-dir`` wins (``STATE_DIR/run-<run id>/partition-P``); else :data:`STATE_DIR_ENV`
     (``ROOT/partition-P``).
     """
     if STATE_DIR_KEY in context.node_config and str(context.node_config[STATE_DIR_KEY]):
-        name = Path(str(context.run_config.get("run-name", "") or "")).name or f"run-{context.run_id}"
-        return partition_dir(Path(str(context.node_config[STATE_DIR_KEY])).expanduser() / name, partition_id)
+        root = Path(str(context.node_config[STATE_DIR_KEY])).expanduser() / f"run-{int(context.run_id)}"
+        return partition_dir(root, partition_id)
     root = os.environ.get(STATE_DIR_ENV, "")
     return partition_dir(Path(root), partition_id) if root else None
 

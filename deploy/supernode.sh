@@ -20,7 +20,8 @@
 #              never reaches the server. Unset: the client draws one from OS entropy and keeps it in its
 #              Context.state. (It appears on this machine's process list as part of --node-config.)
 #   STATE_DIR  folder on this machine where the client checkpoints its Context.state every round (node config
-#              state-dir; STATE_DIR/<run-name>/partition-ID/), restored when the node restarts. Unset: none.
+#              state-dir; STATE_DIR/run-<run id>/partition-ID/), read back by a ClientApp whose Context.state is
+#              empty. Unset: none.
 # The node reads its data itself: the embedded Fashion-MNIST subset, or the run config's data-dir on this machine.
 set -euo pipefail
 if [ $# -lt 3 ]; then echo "usage: $0 SUPERLINK_ADDRESS PARTITION_ID NUM_PARTITIONS [RUNTIME_PORT]" >&2; exit 2; fi

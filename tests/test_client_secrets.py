@@ -251,10 +251,8 @@ def test_state_dir_from_node_config_or_environment(monkeypatch, tmp_path):
     assert state.state_dir(client_context({}, 3, 4), 3) is None
     monkeypatch.setenv(state.STATE_DIR_ENV, str(tmp_path / "run" / "clients"))
     assert state.state_dir(client_context({}, 3, 4), 3) == tmp_path / "run" / "clients" / "partition-3"
-    ctx = client_context({"run-name": "r1"}, 3, 4, **{"state-dir": str(tmp_path / "node")})
-    assert state.state_dir(ctx, 3) == tmp_path / "node" / "r1" / "partition-3"
-    ctx = client_context({"run-name": ""}, 3, 4, **{"state-dir": str(tmp_path / "node")})
-    assert state.state_dir(ctx, 3) == tmp_path / "node" / "run-1" / "partition-3"
+    ctx = client_context({"run-name": "r1"}, 3, 4, **{"state-dir": str(tmp_path / "node")})  # node config wins
+    assert state.state_dir(ctx, 3) == tmp_path / "node" / "run-1" / "partition-3"  # keyed by Flower's run id
 
 
 @pytest.mark.parametrize("defense,model", [("dp-gaussian", "lenet-tanh"), ("fedkl", "lenet-kl"),

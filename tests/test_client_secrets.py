@@ -293,3 +293,50 @@ def test_a_client_restored_from_its_state_dir_continues_exactly(defense, model, 
     lost_metrics = {k: v for k, v in lost.content["metrics"].items() if "time" not in k}
     assert not torch.equal(flat(lost.content["arrays"].to_torch_state_dict()), flat(reference[2][0])) \
         or lost_metrics != reference[2][1]
+
+
+# --- sweeps: one secret per cell, derived from a secret kept in the sweep directory --------------------------------
+def test_sweep_cells_get_their_own_secret_from_the_sweep_secret(monkeypatch, tmp_path):
+    """Cells (replaced by a script that records its environment, no Ray) get ``FL_SIM_CLIENT_SECRET`` derived from
+    ``SWEEP_DIR/client-secret`` and their id; a second sweep over the same directory reuses it."""
+    import json
+    import sys
+
+    import tomli_w
+
+    import fl_sim.sweep.runner as runner
+    from fl_sim.sweep import load_sweep, plan, run_sweep
+
+    def command(cell, cell_dir, cpus):
+        cfg = tmp_path / f"{cell.id}.toml"
+        cfg.write_text(tomli_w.dumps(cell.config))
+        code = f"""
+import json, os, pathlib, shutil
+d = pathlib.Path({str(cell_dir)!r})
+(d / "env-secret").write_text(os.environ["FL_SIM_CLIENT_SECRET"])
+shutil.copy({str(cfg)!r}, d / "config.toml")
+(d / "metrics.jsonl").write_text(json.dumps({{"round": 1, "round_time_s": 1.0, "accuracy": 0.5}}) + "\\n")
+(d / "summary.json").write_text(json.dumps({{"status": "completed", "rounds": 1, "final_accuracy": 0.5,
+                                             "attack_means": {{}}, "attacks": []}}))
+"""
+        return [sys.executable, "-c", code]
+
+    monkeypatch.setattr(runner, "cell_command", command)
+    monkeypatch.delenv(secrets.SECRET_ENV, raising=False)
+    path = tmp_path / "sweep.toml"
+    path.write_text("[base]\nnum-server-rounds = 1\n[axes]\nseed = [0, 1]\n")
+    spec = load_sweep(path)
+    out = tmp_path / "out"
+    run_sweep(spec, out, jobs=1, poll_s=0.02)
+    sweep_secret = secrets.read_secret(out / "client-secret")
+    assert oct((out / "client-secret").stat().st_mode & 0o777) == "0o600"
+    got = {c.id: int((out / "cells" / c.id / "env-secret").read_text()) for c in plan(spec)}
+    assert got == {cid: runner.cell_secret(sweep_secret, cid) for cid in got} and len(set(got.values())) == 2
+    for c in plan(spec):  # not in what the cell records about itself
+        assert str(got[c.id]) not in json.dumps(c.record())
+    first = plan(spec)[0].id
+    (out / "cells" / first / "summary.json").unlink()  # an unfinished cell is run again: with the same secret
+    run_sweep(spec, out, jobs=1, poll_s=0.02)
+    assert int((out / "cells" / first / "env-secret").read_text()) == got[first]
+    monkeypatch.setenv(secrets.SECRET_ENV, "77")  # a new sweep directory takes FL_SIM_CLIENT_SECRET
+    assert runner.sweep_secret(tmp_path / "other") == 77 and runner.sweep_secret(out) == sweep_secret

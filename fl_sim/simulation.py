@@ -165,6 +165,7 @@ def run(cfg: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | Non
         saved_env = {k: os.environ.get(k) for k in (client_secrets.SECRET_ENV, client_state.STATE_DIR_ENV)}
         os.environ[client_secrets.SECRET_ENV] = str(secret)
         os.environ[client_state.STATE_DIR_ENV] = str(clients_dir)
+        _shutdown_ray()  # a Ray left running would keep workers started without this environment
         try:
             _run_simulation(
                 num_supernodes=int(cfg["num-supernodes"]),

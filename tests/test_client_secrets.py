@@ -10,7 +10,6 @@ them exactly, so these tests fail if a secret ever becomes derivable from what t
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -28,6 +27,13 @@ from fl_sim.task.partition import partitions
 
 #: The harness's run-level client secret in these tests (the server is never given it).
 CLIENT_SECRET = 0x5EC12E7
+
+
+@pytest.fixture(autouse=True)
+def no_client_environment(monkeypatch):
+    """No run-level secret or client-state folder from the shell that runs the tests."""
+    monkeypatch.delenv(secrets.SECRET_ENV, raising=False)
+    monkeypatch.delenv(state.STATE_DIR_ENV, raising=False)
 
 
 def client_context(cfg, pid: int, nparts: int, st: RecordDict | None = None, **node) -> Context:

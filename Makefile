@@ -5,6 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fl-sim-installed
 ARGS ?=
+# The run-level client secret of `make run` and `make flwr-run` (FL_SIM_CLIENT_SECRET): fixed, so their README
+# figures are reproducible. A private run: `make run CLIENT_SECRET=` (OS entropy) or any other integer.
+CLIENT_SECRET ?= 0
 
 .PHONY: run test venv flwr-run deploy bench clean-runs
 
@@ -17,7 +20,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/fl-sim run $(ARGS)
+	FL_SIM_CLIENT_SECRET=$(CLIENT_SECRET) $(BIN)/fl-sim run $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/lint-imports
@@ -27,7 +30,8 @@ test: $(STAMP)
 # `uv sync` the dependencies into a fresh environment for every run; the SuperLink it starts is stopped afterwards.
 flwr-run: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 \
-	  FLWR_HOME="$(CURDIR)/.flwr-home" $(BIN)/python scripts/flwr_run_local.py $(ARGS)
+	  FLWR_HOME="$(CURDIR)/.flwr-home" FL_SIM_CLIENT_SECRET=$(CLIENT_SECRET) \
+	  $(BIN)/python scripts/flwr_run_local.py $(ARGS)
 
 # Flower's deployment engine on this machine: a TLS SuperLink and num-supernodes SuperNodes on 127.0.0.1, `flwr run`,
 # then every process stopped (docs/deployment.md has the multi-machine commands).

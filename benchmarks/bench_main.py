@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attacker import ATTACKS, Budget  # noqa: E402
-from clients.client_app import client_seed  # noqa: E402
+from clients.secrets import node_secret, round_seed  # noqa: E402
 from clients.training import batch_schedule  # noqa: E402
 from fl_sim.audit import fedsgd_payload  # noqa: E402
 from fl_sim.config import resolve, specs  # noqa: E402
@@ -33,8 +33,11 @@ from fl_sim.task.partition import partitions  # noqa: E402
 from strategies.metrics import psnr  # noqa: E402
 
 
-def plain_loop(cfg: dict) -> tuple[float, float]:
-    """The federation's local training and FedAvg in one process, one thread: (seconds, final accuracy)."""
+def plain_loop(cfg: dict, client_secret: int) -> tuple[float, float]:
+    """The federation's local training and FedAvg in one process, one thread: (seconds, final accuracy).
+
+    ``client_secret`` is the run-level client secret of the simulation to match (``RUN_DIR/clients/secret``).
+    """
     torch.set_num_threads(1)
     start = time.perf_counter()
     data = load_dataset(cfg["dataset"], cfg["data-dir"])
@@ -52,7 +55,7 @@ def plain_loop(cfg: dict) -> tuple[float, float]:
         weight = 0
         for pid, part in enumerate(parts):
             local.load_state_dict(glob.state_dict())
-            rng = np.random.default_rng(client_seed(cfg["seed"], rnd, pid))
+            rng = np.random.default_rng(round_seed(node_secret(client_secret, pid), cfg["seed"], rnd))
             for idx in batch_schedule(part, train_config, rng):
                 x = to_tensor(data.x_train[idx], data.mean, data.std)
                 y = torch.as_tensor(data.y_train[idx])
@@ -70,7 +73,7 @@ def plain_loop(cfg: dict) -> tuple[float, float]:
     return time.perf_counter() - start, acc
 
 
-def simulation(cfg: dict) -> tuple[float, float, float]:
+def simulation(cfg: dict, client_secret: int) -> tuple[float, float, float]:
     """The same federation through ``fl-sim run``'s in-process Flower simulation.
 
     Returns (wall seconds including Ray start-up, final accuracy, median round time after round 1 in seconds).
@@ -83,7 +86,7 @@ def simulation(cfg: dict) -> tuple[float, float, float]:
     with tempfile.TemporaryDirectory() as out:
         run_cfg = dict(cfg, **{"out-dir": out, "run-name": "bench"})
         start = time.perf_counter()
-        run_dir = sim.run(run_cfg)
+        run_dir = sim.run(run_cfg, client_secret=client_secret)
         seconds = time.perf_counter() - start
         summary = json.loads((Path(run_dir) / "summary.json").read_text())
         steady = float(np.median([r["round_time_s"] for r in read_metrics(Path(run_dir))[1:]]))
@@ -117,8 +120,8 @@ def main() -> None:
     cfg = resolve({"num-server-rounds": rounds, "num-supernodes": clients, "attack-every": 0})
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}; {clients} clients, {rounds} rounds, "
           f"{cfg['model']}, {cfg['mode']} B={cfg['batch-size']}")
-    t_plain, acc_plain = plain_loop(cfg)
-    t_sim, acc_sim, steady = simulation(cfg)
+    t_plain, acc_plain = plain_loop(cfg, client_secret=0)
+    t_sim, acc_sim, steady = simulation(cfg, client_secret=0)
     print(f"plain PyTorch loop: {t_plain:7.2f} s  (final accuracy {acc_plain:.4f})")
     print(f"Flower simulation:  {t_sim:7.2f} s  (final accuracy {acc_sim:.4f}; Ray start-up included)")
     print(f"ratio simulation / plain loop: {t_sim / t_plain:.1f}x overall; per round after round 1: "

@@ -40,6 +40,7 @@ def attack_once(defense: str, image: int, attack: str, model: str, overrides: di
     from flwr.supercore.task_identity import TaskIdentity
 
     from clients.client_app import app
+    from clients.secrets import node_secret
     from fl_sim.config import resolve, specs
     from fl_sim.results import RunRecorder
     from fl_sim.task.datasets import load_dataset
@@ -55,7 +56,9 @@ def attack_once(defense: str, image: int, attack: str, model: str, overrides: di
     torch.manual_seed(image)
     net = build_model(model, data.input_shape, data.num_classes)
     strat = CuriousFedAvg(specs(cfg).server, data, RunRecorder(out / f"{defense}-{image}", cfg))
-    contexts = [Context(run_id=1, node_id=pid + 1, node_config={"partition-id": pid, "num-partitions": n},
+    # fixed node secrets (client secret 0, as `fl-sim run --client-secret 0`): the table is reproducible
+    contexts = [Context(run_id=1, node_id=pid + 1, node_config={"partition-id": pid, "num-partitions": n,
+                                                                "secret-seed": node_secret(0, pid)},
                         state=RecordDict(), run_config=dict(cfg)) for pid in range(n)]
 
     class Grid:

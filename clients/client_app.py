@@ -6,6 +6,11 @@ server and clients) gives the dataset, model and defense. A train message is ans
 (:func:`fl_sim.task.contract.train_reply`): the defended model, the metrics, the partition id and, when
 ``audit=true``, the audit-only record of the samples used. A ``query.whoami`` message is answered with the node's
 partition id and partition count (the server samples clients by partition id).
+
+Every private draw (batches, defense noise and choices, FedKL's key) is seeded from the node's secret seed
+(:mod:`clients.secrets`), never from the run config alone. Before a train or evaluate call an empty
+``Context.state`` is restored from the client's state directory, and after it a non-empty one is written there with
+the round (:mod:`clients.state`), so ``fl-sim run --resume`` resumes the clients too.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients import secrets, state
 from clients.config import ClientSpec
 from clients.pipeline import client_update, prepare_model
 from fl_sim.task import contract
@@ -45,20 +51,22 @@ def _setup(context: Context) -> tuple[ClientSpec, int, int, torch.device]:
     return spec, pid, nparts, torch.device("cuda" if use_cuda else "cpu")
 
 
-def client_seed(seed: int, server_round: int, partition_id: int) -> int:
-    """A 32-bit seed specific to one client and round, derived from the run's seed."""
-    return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
-
-
 def drops_out(rate: float, seed: int, server_round: int, partition_id: int) -> bool:
     """Whether this client drops out of ``server_round`` under ``client-dropout=rate``.
 
     A uniform draw from a generator seeded by ``(seed, round, partition id)``, so the same clients drop in every
-    run with the same seed, whatever order the replies arrive in.
+    run with the same seed, whatever order the replies arrive in. This is a simulated fault, not a client secret:
+    it stays on the run config's public seed (the server may know who drops out; it sees the error replies anyway).
     """
     if rate <= 0:
         return False
     return bool(np.random.default_rng([seed % 2**63, server_round, partition_id, 0xD809]).random() < rate)
+
+
+def _round_of(msg: Message) -> int:
+    """The server round an evaluate message belongs to (Flower's FedAvg sends ``server-round``; 0 if absent)."""
+    config = msg.content.config_records.get(contract.CONFIG)
+    return int(config.get("server-round", 0)) if config is not None else 0
 
 
 @app.query("whoami")
@@ -83,10 +91,15 @@ def train(msg: Message, context: Context) -> Message:
         return Message(Error(code=contract.DROPOUT_ERROR_CODE,
                              reason=f"client-dropout={spec.client.dropout}: partition {pid} dropped out of round {rnd}"),
                        reply_to=msg)
+    state_dir = state.state_dir(context, pid)
+    state.restore(context, state_dir, rnd - 1)  # a resumed client continues from its last round before this one
+    secret = secrets.node_secret_for(context, pid)
     data = load_dataset(task.dataset, task.data_dir)
     part = partitions(data.name, task.data_dir, nparts, task.partition, task.dirichlet_alpha, task.seed)[pid]
     update = client_update(spec, msg.content[contract.ARRAYS].to_torch_state_dict(), data, part, train_config,
-                           context.state, client_seed(task.seed, 0, pid), client_seed(task.seed, rnd, pid), device)
+                           context.state, secrets.once_seed(secret, task.seed),
+                           secrets.round_seed(secret, task.seed, rnd), device)
+    state.checkpoint(context, state_dir, rnd)
     content = contract.train_reply(update.state, update.metrics, pid, update.sample_indices if task.audit else None)
     return Message(content=content, reply_to=msg)
 
@@ -96,10 +109,15 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this client's share of the test split (IID, by partition id)."""
     spec, pid, nparts, device = _setup(context)
     task = spec.task
+    rnd = _round_of(msg)
+    state_dir = state.state_dir(context, pid)
+    state.restore(context, state_dir, rnd)
+    secret = secrets.node_secret_for(context, pid)
     data = load_dataset(task.dataset, task.data_dir)
     idx = eval_share(len(data.y_test), nparts, pid, task.seed)
     model, _ = prepare_model(spec, msg.content[contract.ARRAYS].to_torch_state_dict(), context.state,
-                             client_seed(task.seed, 0, pid), device)
+                             secrets.once_seed(secret, task.seed), device)
+    state.checkpoint(context, state_dir, rnd)
     loss, acc = evaluate(model, data.x_test[idx], data.y_test[idx], data.mean, data.std, device)
     metrics = MetricRecord({contract.NUM_EXAMPLES: len(idx), "eval-loss": loss, "eval-acc": acc})
     return Message(content=RecordDict({contract.METRICS: metrics}), reply_to=msg)

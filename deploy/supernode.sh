@@ -15,6 +15,13 @@
 #   INSECURE   1: no TLS (loopback experiments only)
 #   FLWR_SUPEREXEC_TASK_POLL_INTERVAL  seconds between the node's task polls (Flower's default 1.0; shorter
 #              intervals measured slower on a 2-core machine, see docs/deployment.md)
+#   SECRET_SEED  this node's secret seed (an integer in [0, 2^63)), passed as node config secret-seed: every private
+#              draw of the client (batches, DP noise, GradDefense's slices, FedKL's key) derives from it and it
+#              never reaches the server. Unset: the client draws one from OS entropy and keeps it in its
+#              Context.state. (It appears on this machine's process list as part of --node-config.)
+#   STATE_DIR  folder on this machine where the client checkpoints its Context.state every round (node config
+#              state-dir; STATE_DIR/run-<run id>/partition-ID/), read back by a ClientApp whose Context.state is
+#              empty. Unset: none.
 # The node reads its data itself: the embedded Fashion-MNIST subset, or the run config's data-dir on this machine.
 set -euo pipefail
 if [ $# -lt 3 ]; then echo "usage: $0 SUPERLINK_ADDRESS PARTITION_ID NUM_PARTITIONS [RUNTIME_PORT]" >&2; exit 2; fi
@@ -27,7 +34,15 @@ export FLWR_HOME=${FLWR_HOME:-$PWD/.flwr/supernode-$PID_}
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # idle OpenMP threads sleep instead of spinning on busy cores
 mkdir -p "$FLWR_HOME"
-args=(--superlink "$SUPERLINK" --port "$RUNTIME_PORT" --node-config "partition-id=$PID_ num-partitions=$NPARTS")
+node_config="partition-id=$PID_ num-partitions=$NPARTS"
+if [ -n "${SECRET_SEED:-}" ]; then
+  if ! [[ "$SECRET_SEED" =~ ^(0|[1-9][0-9]{0,18})$ ]] || { [ "${#SECRET_SEED}" -eq 19 ] && [[ "$SECRET_SEED" > 9223372036854775807 ]]; }; then
+    echo "SECRET_SEED=$SECRET_SEED is not allowed; it must be an integer in [0, 2^63)" >&2; exit 2
+  fi
+  node_config+=" secret-seed=$SECRET_SEED"
+fi
+[ -n "${STATE_DIR:-}" ] && node_config+=" state-dir=\"$STATE_DIR\""
+args=(--superlink "$SUPERLINK" --port "$RUNTIME_PORT" --node-config "$node_config")
 if [ "${INSECURE:-0}" = 1 ]; then
   args+=(--insecure)
 else

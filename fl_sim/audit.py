@@ -2,7 +2,8 @@
 
 :func:`run_audit` runs round 1 of a one-client federation without Flower's runtime: the client is partition 0 of
 ``fl-sim run`` holding exactly the given images, trained by the one client pipeline
-(:func:`clients.pipeline.client_update`, the same seeds as a run's client 0 in round 1), and its reply goes
+(:func:`clients.pipeline.client_update`, the same seeds as a run's client 0 in round 1 under the client secret
+:data:`AUDIT_CLIENT_SECRET`), and its reply goes
 through the one server side (:class:`strategies.strategy.CuriousFedAvg`): validation, the attack on the raw update
 (cut to the attack's threat model), the evaluator's score, then aggregation and the defense's server step. So the
 audit and a run hand the attacker the same payload for the same model, images, defense and seeds (a test compares
@@ -27,7 +28,7 @@ from flwr.app import ArrayRecord, Message, Metadata, RecordDict
 from skimage import color, io, transform
 
 from attacker import AttackPayload
-from clients.client_app import client_seed
+from clients import secrets as client_secrets
 from clients.pipeline import client_update
 from fl_sim.config import ConfigError, check_attack_images, check_attack_with_model, check_model, specs
 from fl_sim.results import atomic_write_text, finite, save_pair_figure
@@ -135,6 +136,9 @@ class AuditRecorder:
 
 #: The node id of the audit's one client (any id: there is no Grid).
 AUDIT_NODE = 1
+#: The run-level client secret of the audit's client: fixed, so an audit is reproducible (the audited client is the
+#: user's own; the attacker never gets a seed). Its draws equal client 0's in ``fl-sim run --client-secret 0``.
+AUDIT_CLIENT_SECRET = 0
 
 
 def channel_mean_image(name: str) -> np.ndarray:
@@ -181,9 +185,10 @@ def audit_round(cfg: Mapping[str, Any], data: Dataset, out_dir: Path | None = No
     record = strategy.new_record(1)
     train_config = task.train_config(record["lr"], 1)
     strategy.begin_round(1, arrays, train_config, {AUDIT_NODE: 0})
+    secret = client_secrets.node_secret(AUDIT_CLIENT_SECRET, 0)
     update = client_update(run.client, arrays.to_torch_state_dict(), data, np.arange(len(data.y_train)),
-                           train_config, RecordDict(), client_seed(task.seed, 0, 0), client_seed(task.seed, 1, 0),
-                           torch.device("cpu"))
+                           train_config, RecordDict(), client_secrets.once_seed(secret, task.seed),
+                           client_secrets.round_seed(secret, task.seed, 1), torch.device("cpu"))
     content = contract.train_reply(update.state, update.metrics, 0, update.sample_indices)
     md = Metadata(run_id=0, message_id=uuid.uuid4().hex, src_node_id=AUDIT_NODE, dst_node_id=0,
                   reply_to_message_id=uuid.uuid4().hex, group_id="1", created_at=time.time(), ttl=3600,

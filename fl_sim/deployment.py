@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clients.secrets import SECRET_ENV, node_secret
+from clients.state import STATE_DIR_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 
@@ -172,6 +175,12 @@ class LocalFederation:
             (``deploy/make_node_key.sh``, ``flwr supernode register``); needs ``ssh-keygen``.
         app_dir: the Flower app (this repository).
         start_timeout_s: seconds to wait for the SuperLink to listen and the nodes to register.
+        client_secret: node I gets ``secret-seed = clients.secrets.node_secret(client_secret, I)``
+            (``SECRET_SEED`` of ``deploy/supernode.sh``): a fixed default (0), so that tests and ``fl-sim deploy``
+            are reproducible and equal ``fl-sim run --client-secret 0``; ``None``: no secret-seed, each node draws
+            its own from OS entropy (as a real deployment that sets none).
+        state_dir: every node checkpoints its ``Context.state`` there (``STATE_DIR``, node config ``state-dir``);
+            default ``workdir/client-state``.
 
     Use as a context manager; :meth:`run` submits the app with ``flwr run``.
 
@@ -180,15 +189,19 @@ class LocalFederation:
     """
 
     def __init__(self, workdir: Path, num_nodes: int, tls: bool = True, node_auth: bool = False,
-                 app_dir: Path = ROOT, start_timeout_s: float = 60.0):
+                 app_dir: Path = ROOT, start_timeout_s: float = 60.0, client_secret: int | None = 0,
+                 state_dir: Path | None = None):
         self.workdir, self.num_nodes, self.tls, self.node_auth = Path(workdir), num_nodes, tls, node_auth
         self.app_dir, self.start_timeout_s = Path(app_dir), start_timeout_s
+        self.client_secret = client_secret
+        self.state_dir = Path(state_dir) if state_dir is not None else self.workdir / "client-state"
         self.procs = ProcessTracker()
         self.superlink: subprocess.Popen | None = None
         self.nodes: list[subprocess.Popen] = []
         self.port = 0
         self.cli_home = self.workdir / "flwr-cli"
-        self.env = {**os.environ, **FLOWER_ENV,
+        # no run-level client secret or client-state folder from this shell: each node gets its own node config
+        self.env = {**{k: v for k, v in os.environ.items() if k not in (SECRET_ENV, STATE_DIR_ENV)}, **FLOWER_ENV,
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     def __enter__(self) -> LocalFederation:
@@ -226,6 +239,9 @@ class LocalFederation:
         write_connection(self.cli_home, "local-deploy", f"127.0.0.1:{self.port}", certs / "ca.crt" if self.tls else None)
         for i, node_port in enumerate(node_ports):
             env = {**self.env, **tls_env, "FLWR_HOME": str(self.workdir / f"home-supernode-{i}")}
+            if self.client_secret is not None:
+                env["SECRET_SEED"] = str(node_secret(self.client_secret, i))
+            env["STATE_DIR"] = str(self.state_dir.resolve())
             if self.node_auth:
                 key = self.workdir / "keys" / f"node{i}"
                 self._script("make_node_key.sh", str(key))

@@ -6,6 +6,15 @@
 (``flwr.simulation.run_simulation._run_simulation`` with an app directory whose ``pyproject.toml`` carries the
 resolved config), which is why flwr is pinned (1.42.0; the suite passed unchanged when it moved from 1.41.0). A test runs a 2-client simulation end to end.
 
+Client secrets: the harness, not the ServerApp, picks the run-level client secret (``client_secret``, else
+``FL_SIM_CLIENT_SECRET``, else OS entropy), keeps it in ``RUN_DIR/clients/secret`` (a resumed run reuses it) and
+hands it to the clients through the environment their Ray workers inherit (:data:`clients.secrets.SECRET_ENV`),
+never through the run config: Flower 1.42's simulation engine builds each virtual node's ``node_config`` itself
+(``partition-id`` and ``num-partitions`` only, ``flwr.server.superlink.fleet.vce.vce_api``), so it has no room for
+it. Each ClientApp derives its node's secret from it and its partition id (:func:`clients.secrets.node_secret`).
+The clients checkpoint their ``Context.state`` under ``RUN_DIR/clients`` (:data:`clients.state.STATE_DIR_ENV`);
+a resume first removes the client states written after the server's checkpoint (:func:`clients.state.prune_after`).
+
 Ctrl-C: the ServerApp stops after the current round (everything written so far is kept, ``summary.json`` says
 ``interrupted``); Ray is shut down before :func:`run` returns, so no process is left behind.
 """
@@ -32,9 +41,13 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.simulation.run_simulation import _run_simulation  # noqa: E402
 from flwr.supercore.telemetry import EventType  # noqa: E402
 
+from clients import secrets as client_secrets  # noqa: E402
+from clients import state as client_state  # noqa: E402
 from clients.client_app import app as default_client_app  # noqa: E402
-from fl_sim.config import pyproject_block  # noqa: E402
-from fl_sim.server_app import run_server  # noqa: E402
+from fl_sim.config import ConfigError, pyproject_block  # noqa: E402
+from fl_sim.results import default_run_name, run_dir_for  # noqa: E402
+from fl_sim.server_app import prepare_run_dir, run_server  # noqa: E402
+from strategies.checkpoint import load_checkpoint  # noqa: E402
 
 #: Set to ask a running in-process simulation to stop (the ServerApp stops waiting and ends the run).
 STOP = threading.Event()
@@ -72,24 +85,70 @@ def quiet_flower(verbose: bool) -> None:
     logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
+def client_secret_for(run_dir: Path, client_secret: int | None, resume: bool) -> int:
+    """The run-level client secret of the run in ``run_dir``, kept in ``run_dir/clients/secret``.
+
+    A new run takes ``client_secret``, else ``FL_SIM_CLIENT_SECRET``, else OS entropy, and writes it there; a
+    resumed run reads it back (``client_secret``, if given, must be the same).
+
+    Raises:
+        ConfigError: a bad ``client_secret`` or ``FL_SIM_CLIENT_SECRET``, a resumed run without a kept secret, or a
+            ``client_secret`` other than the kept one.
+    """
+    try:
+        given = client_secret if client_secret is None else client_secrets.parse_secret(client_secret,
+                                                                                      "--client-secret")
+        if resume:
+            try:
+                kept = client_secrets.load_run_secret(run_dir)
+            except FileNotFoundError:
+                raise ConfigError(f"--resume {run_dir}: no {client_secrets.RUN_SECRET_FILE} (the run was started "
+                                  "without a client secret); start it again instead") from None
+            if given is not None and given != kept:
+                raise ConfigError(f"--client-secret={given} is not allowed with --resume {run_dir}: the run keeps "
+                                  f"its own client secret in {client_secrets.RUN_SECRET_FILE}")
+            return kept
+        secret = given if given is not None else client_secrets.env_secret()
+        secret = secret if secret is not None else client_secrets.new_secret()
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    client_secrets.save_run_secret(run_dir, secret)
+    return secret
+
+
 def run(cfg: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | None = None,
-        verbose: bool = False, resume: bool = False, client_app: Any = None) -> Path:
+        verbose: bool = False, resume: bool = False, client_app: Any = None,
+        client_secret: int | None = None) -> Path:
     """Simulate the federation described by the resolved config ``cfg``; return the run directory.
 
     Args:
         cfg: a resolved config (:func:`fl_sim.config.resolve`), already checked by
-            :func:`fl_sim.config.check_feasible`.
+            :func:`fl_sim.config.check_feasible`. An empty ``run-name`` is replaced by the default name first (the
+            harness and the ServerApp must name the same directory).
         on_round: optional callback after each round (the round's record), e.g. a progress bar.
         verbose: keep Flower's INFO logging.
-        resume: continue the run in ``cfg``'s run directory from its last checkpoint.
+        resume: continue the run in ``cfg``'s run directory from its last checkpoint, server and clients.
         client_app: a ClientApp to simulate instead of ``clients.client_app.app`` (Python API only; the tests
             use it to inject faulty clients).
+        client_secret: the run-level client secret (an integer in ``[0, 2^63)``); ``None``: ``FL_SIM_CLIENT_SECRET``
+            or OS entropy (:func:`client_secret_for`). A resumed run reuses its own.
 
     Raises:
+        ConfigError: a bad client secret, a resumed run without one (:func:`client_secret_for`), or a new run whose
+            directory already holds results.
         RuntimeError: the simulation engine failed (the run directory keeps what was written).
     """
     if client_app is None:
         client_app = default_client_app
+    if not cfg["run-name"]:
+        cfg = {**cfg, "run-name": default_run_name(cfg)}
+    run_dir = run_dir_for(cfg) if resume else prepare_run_dir(cfg)  # never write into another run's results
+    secret = client_secret_for(run_dir, client_secret, resume)
+    clients_dir = run_dir / client_secrets.RUN_SECRET_FILE.parent
+    if resume:  # client states written after the server's checkpoint belong to rounds that will run again
+        client_state.prune_after(clients_dir, int(load_checkpoint(run_dir)["round"]))
     quiet_flower(verbose)
     STOP.clear()
     out: dict[str, Path] = {}
@@ -102,6 +161,11 @@ def run(cfg: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | Non
     with tempfile.TemporaryDirectory(prefix="fl-sim-app-") as app_dir:
         Path(app_dir, "pyproject.toml").write_text(APP_PYPROJECT + pyproject_block(cfg))
         context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(cfg))
+        # the clients' environment (Ray's workers inherit this process's when Ray starts), never the run config
+        saved_env = {k: os.environ.get(k) for k in (client_secrets.SECRET_ENV, client_state.STATE_DIR_ENV)}
+        os.environ[client_secrets.SECRET_ENV] = str(secret)
+        os.environ[client_state.STATE_DIR_ENV] = str(clients_dir)
+        _shutdown_ray()  # a Ray left running would keep workers started without this environment
         try:
             _run_simulation(
                 num_supernodes=int(cfg["num-supernodes"]),
@@ -120,6 +184,11 @@ def run(cfg: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | Non
             raise
         finally:
             _shutdown_ray()
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     if "run_dir" not in out:
         raise RuntimeError("the simulation ended before the ServerApp finished; see the log above")
     return out["run_dir"]

@@ -5,12 +5,19 @@ round number, the global model, the strategy state that later rounds depend on (
 Python/NumPy/torch RNG states and the wall time so far. ``metrics.jsonl`` is appended (and fsynced) just before, so
 after a crash it holds at most one round more than the checkpoint; :func:`truncate_metrics` drops that round on
 resume. ``fl-sim run --resume RUN_DIR`` then replays nothing: it restores the checkpoint and runs the remaining
-rounds under their original round numbers (:class:`RoundOffset`), which, with the seeded sampling, dropout and
-client randomness (all derived from ``(seed, round, partition id)``) and replies aggregated in partition order,
-ends with the same metrics as an uninterrupted run.
+rounds under their original round numbers (:class:`RoundOffset`), which, with the seeded sampling and dropout
+(derived from ``(seed, round, partition id)``), the clients' private randomness (derived from each node's secret seed
+and the round, :mod:`clients.secrets`; the simulation harness keeps the run's client secret in
+``RUN_DIR/clients/secret``) and replies aggregated in partition order, ends with the same metrics as an
+uninterrupted run.
 
-Not restored: client-side ``Context.state`` (Flower keeps it inside the simulation engine or on the SuperNodes),
-so a defense that carries state across rounds must derive it from ``(seed, partition id)``.
+Client-side ``Context.state`` (a defense's secrets and counters: FedKL's lock layers, GradDefense's
+sensitivities, the DP release counter) is restored too, but not from this file — the server never holds it. Every
+client writes its own state with the round after each round it takes part in (:mod:`clients.state`: in simulation
+under ``RUN_DIR/clients/partition-P/``, in deployment under the node's ``state-dir``), and a resumed client whose
+state is empty loads its newest state of a round ``<=`` the last round before the one it is asked to run; the
+simulation harness also deletes client states of rounds after this checkpoint before it resumes
+(:func:`fl_sim.simulation.run`). Resuming a deployed run on the deployment engine is not wired up (docs/deployment.md).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
 from attacker import ATTACKS, Attack, AttackResult, ThreatModel
 from clients import client_app
 from clients.defenses import DEFENSES
-from fl_sim.audit import audit_dataset, audit_round, run_audit
+from clients.secrets import node_secret
+from fl_sim.audit import AUDIT_CLIENT_SECRET, audit_dataset, audit_round, run_audit
 from fl_sim.config import key_table, resolve, specs
 from fl_sim.task import contract
 from fl_sim.task.datasets import DATASETS
@@ -102,8 +103,10 @@ def _model_for(defense: str) -> str:
 
 
 def _client_context(cfg, pid: int, nparts: int) -> Context:
+    # the node secret a run under the audit's client secret gives partition pid (the audit replays client 0)
+    secret = node_secret(AUDIT_CLIENT_SECRET, pid)
     return Context(run_id=1, node_id=100 + pid, node_config={contract.PARTITION_ID: pid,
-                                                            contract.NUM_PARTITIONS: nparts},
+                                                            contract.NUM_PARTITIONS: nparts, "secret-seed": secret},
                    state=RecordDict(), run_config=dict(cfg))
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-from clients.client_app import app, client_seed
+from clients.client_app import app
+from clients.secrets import node_secret, once_seed, round_seed
 from conftest import make_message
 from fl_sim.config import resolve
 from fl_sim.task.datasets import to_tensor
@@ -18,9 +19,14 @@ PUBLIC_METRICS = {"num-examples", "train-loss", "train-time-s", "defense-time-s"
                   "soteria-pruned"}
 
 
+#: The run-level client secret of these tests' clients.
+CLIENT_SECRET = 12345
+
+
 def train_round(cfg, state: RecordDict, global_state: dict, rnd: int, pid: int = 0):
-    ctx = Context(run_id=1, node_id=pid + 1, node_config={"partition-id": pid, "num-partitions": 3}, state=state,
-                  run_config=dict(cfg))
+    ctx = Context(run_id=1, node_id=pid + 1, node_config={"partition-id": pid, "num-partitions": 3,
+                                                          "secret-seed": node_secret(CLIENT_SECRET, pid)},
+                  state=state, run_config=dict(cfg))
     content = RecordDict({
         "arrays": ArrayRecord({k: v.clone() for k, v in global_state.items()}),
         "config": ConfigRecord({"mode": "fedsgd", "lr": 0.1, "batch-size": 2, "local-steps": 0, "local-epochs": 1,
@@ -72,8 +78,9 @@ def assert_no_secret(reply, state: RecordDict, cfg, fmnist, pid=0):
         if isinstance(s, float) and s not in (0.0, 1.0):
             assert s not in public, f"state value {s} sent"
     # raw data: no sent tensor holds a training image of this client
-    seed = client_seed(int(cfg["seed"]), 1, pid)
-    assert seed not in public
+    secret = node_secret(CLIENT_SECRET, pid)
+    for value in (secret, once_seed(secret, int(cfg["seed"])), round_seed(secret, int(cfg["seed"]), 1)):
+        assert value not in public
     imgs = to_tensor(fmnist.x_train[:2000], fmnist.mean, fmnist.std).flatten(1)
     for t in sent:
         if t.numel() == imgs.shape[1]:

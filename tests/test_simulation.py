@@ -69,6 +69,8 @@ def test_simulation_trains_exactly_like_a_plain_pytorch_loop(small_run):
     spec = importlib.util.spec_from_file_location("bench_main", root / "benchmarks" / "bench_main.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    from clients.secrets import load_run_secret
+
     cfg = tomllib.loads((out / "config.toml").read_text())
-    _, acc = bench.plain_loop(cfg)
+    _, acc = bench.plain_loop(cfg, load_run_secret(out))  # the clients' draws need the run's client secret
     assert json.loads((out / "summary.json").read_text())["final_accuracy"] == pytest.approx(acc, abs=1e-9)

@@ -23,6 +23,10 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", help="show Flower's per-round logs"),
     resume: Path = typer.Option(None, "--resume", help="continue a killed or interrupted run from its last "
                                                        "checkpoint (a run directory; takes no KEY=VALUE)"),
+    client_secret: str = typer.Option(None, "--client-secret", metavar="N",
+                                      help="the run-level client secret (an integer in [0, 2^63)) from which each "
+                                           "client derives its secret seed; default: $FL_SIM_CLIENT_SECRET, else OS "
+                                           "entropy. Kept in RUN_DIR/clients/secret, never sent to the server"),
 ) -> None:
     """Run a federated simulation whose honest-but-curious server attacks client updates."""
     from rich.console import Console
@@ -32,7 +36,9 @@ def run(
     from fl_sim.server_app import prepare_run_dir
 
     done = 0
+    secret: int | None = None
     try:
+        secret = _client_secret(client_secret, resume)
         if resume is not None:
             cfg, done = _resume_config(resume, overrides, out)
         else:
@@ -77,12 +83,15 @@ def run(
     start = time.time()
     try:
         with progress:
-            run_dir = simulation.run(cfg, on_round=on_round, verbose=verbose, resume=resume is not None)
+            run_dir = simulation.run(cfg, on_round=on_round, verbose=verbose, resume=resume is not None,
+                                     client_secret=secret)
     except KeyboardInterrupt:
         _finish_interrupted(cfg, start)
         typer.echo("fl-sim: interrupted; results so far are in the run directory", err=True)
         sys.stdout.flush()
         os._exit(130)  # the ServerApp thread may still wait on replies that will never come
+    except ConfigError as exc:
+        fail(str(exc))
     except (TimeoutError, RuntimeError) as exc:
         fail(f"{type(exc).__name__}: {exc}", code=1)
     finally:
@@ -90,6 +99,28 @@ def run(
     print_summary(Path(run_dir))
     if simulation.STOP.is_set():
         raise typer.Exit(130)
+
+
+def _client_secret(value: str | None, resume: Path | None) -> int | None:
+    """``--client-secret`` as an integer (``None`` when not given); ``$FL_SIM_CLIENT_SECRET`` is checked too.
+
+    Raises:
+        ConfigError: not an integer in [0, 2^63), or given with ``--resume`` (a resumed run keeps its own).
+    """
+    from clients.secrets import env_secret, parse_secret
+
+    try:
+        if resume is None:
+            env_secret()  # a bad environment variable is a one-line error here, not a failing client later
+        if value is None:
+            return None
+        if resume is not None:
+            raise ConfigError("--resume takes no --client-secret: a resumed run keeps its own (RUN_DIR/clients/secret)")
+        return parse_secret(value, "--client-secret")
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _resume_config(run_dir: Path, overrides: list[str] | None, out: Path | None) -> tuple[dict[str, Any], int]:
@@ -100,6 +131,7 @@ def _resume_config(run_dir: Path, overrides: list[str] | None, out: Path | None)
     """
     import tomllib
 
+    from clients.secrets import RUN_SECRET_FILE
     from strategies.checkpoint import ResumeError, load_checkpoint
 
     if overrides or out is not None:
@@ -116,6 +148,9 @@ def _resume_config(run_dir: Path, overrides: list[str] | None, out: Path | None)
         done = int(load_checkpoint(run_dir)["round"])
     except ResumeError as exc:
         raise ConfigError(f"--resume {run_dir}: {exc}") from exc
+    if not (run_dir / RUN_SECRET_FILE).is_file():  # without it the clients' draws cannot be those of the killed run
+        raise ConfigError(f"--resume {run_dir}: no {RUN_SECRET_FILE} (the run was started without a client "
+                          "secret); start it again instead")
     return cfg, done
 
 

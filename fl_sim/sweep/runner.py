@@ -1,4 +1,12 @@
-"""Running a sweep: cells as ``fl-sim run`` subprocesses, pinned to disjoint cores, resumable."""
+"""Running a sweep: cells as ``fl-sim run`` subprocesses, pinned to disjoint cores, resumable.
+
+Client secrets: a sweep keeps one **sweep-level client secret** in ``SWEEP_DIR/client-secret`` (written on the
+first run from ``FL_SIM_CLIENT_SECRET``, else OS entropy; mode 0600) and gives every cell its own run-level client
+secret derived from it and the cell's id (:func:`cell_secret`), in the cell's environment (``FL_SIM_CLIENT_SECRET``,
+not its command line or ``cell.json``). A cell that is run again (after a kill, a failure, or in a copy of the sweep
+directory) therefore makes the same client draws; a new sweep directory gets new secrets unless
+``FL_SIM_CLIENT_SECRET`` fixes them.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clients import secrets as client_secrets
+from fl_sim.config import ConfigError
 from fl_sim.results import atomic_write_text
 from fl_sim.sweep.plan import Cell, cell_states, check_cells_feasible, is_done, move_aside, plan, sweep_lock
 from fl_sim.sweep.spec import SweepSpec, value_label
@@ -60,6 +70,34 @@ def cell_command(cell: Cell, cell_dir: Path, cpus: int) -> list[str]:
     overrides["client-num-cpus"] = min(float(cell.config["client-num-cpus"]), float(cpus))
     args = [f"{k}={cli_value(v)}" for k, v in overrides.items()]
     return [sys.executable, "-m", "fl_sim.cli", "run", *args, "--out", str(cell_dir)]
+
+
+#: The sweep-level client secret, relative to the sweep directory.
+SWEEP_SECRET_FILE = "client-secret"
+
+
+def sweep_secret(out: Path) -> int:
+    """The sweep-level client secret kept in ``out/client-secret``; created on first use from
+    ``FL_SIM_CLIENT_SECRET``, else OS entropy.
+
+    Raises:
+        ConfigError: ``FL_SIM_CLIENT_SECRET`` or the file holds something other than an integer in [0, 2^63).
+    """
+    path = Path(out) / SWEEP_SECRET_FILE
+    try:
+        if path.is_file():
+            return client_secrets.read_secret(path)
+        secret = client_secrets.env_secret()
+        secret = client_secrets.new_secret() if secret is None else secret
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    client_secrets.write_secret(path, secret)
+    return secret
+
+
+def cell_secret(secret: int, cell_id: str) -> int:
+    """The run-level client secret of cell ``cell_id`` under the sweep-level ``secret``."""
+    return client_secrets.child_secret(secret, f"sweep-cell:{cell_id}")
 
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
@@ -194,6 +232,7 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, dry_run: bool = False, 
         if spec.path.is_file():
             atomic_write_text(out / "sweep.toml", spec.path.read_text())
         atomic_write_text(out / "sweep.json", json.dumps(spec.settings(), indent=2))
+        secret = sweep_secret(out)
         result.skipped = [c.id for c in cells if states[c.id] == "done"]
         for c in pending:
             if states[c.id] == "partial":
@@ -203,7 +242,7 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, dry_run: bool = False, 
                       f"{len(result.moved)} unfinished moved to attic/, {len(pending)} to run with "
                       f"{len(groups)} job(s) × {len(groups[0])} core(s) → {out}")
         if pending:
-            _run_pending(pending, out, groups, result, lock_fd, poll_s, retries=retries, progress=
+            _run_pending(pending, out, groups, result, lock_fd, poll_s, retries=retries, secret=secret, progress=
                          Progress(TextColumn("[bold]cells"), BarColumn(), TaskProgressColumn(),
                                   TextColumn("{task.fields[done]}/{task.total:.0f} {task.description}"),
                                   TimeElapsedColumn(), console=console))
@@ -213,7 +252,7 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, dry_run: bool = False, 
 
 
 def _run_pending(pending: list[Cell], out: Path, groups: list[list[int]], result: SweepResult, lock_fd: int,
-                 poll_s: float, progress: Any, retries: int) -> None:
+                 poll_s: float, progress: Any, retries: int, secret: int) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_project_root()), env.get("PYTHONPATH", "")) if p)
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -235,6 +274,7 @@ def _run_pending(pending: list[Cell], out: Path, groups: list[list[int]], result
         # one intra-op thread on the server side of every cell, whatever its cores: float reductions (and so the
         # attack scores) then do not depend on --jobs; LeNet-sized work gains little from more threads
         job_env = dict(env, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        job_env[client_secrets.SECRET_ENV] = str(cell_secret(secret, cell.id))
         proc = subprocess.Popen(cell_command(cell, d, len(cpus)), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=job_env, start_new_session=True,
                                 pass_fds=(lock_fd,), preexec_fn=_child_setup(cpus, os.getpid()))

@@ -45,7 +45,11 @@ def score_reconstruction(data: Dataset, result: AttackResult, audit: Mapping[str
     Returns:
         ``psnr``, ``ssim``, ``mse``, ``label_accuracy`` (see :func:`strategies.metrics.score`), plus
         ``reconstruction`` and ``truth`` — ``float32 (B, C, H, W)`` arrays in [0, 1], the truth reordered to match
-        the reconstruction — for figures.
+        the reconstruction — for figures, and ``arrays`` (the raw results a run directory keeps in
+        ``reconstructions.npz``): ``reconstruction`` ``float32 (B, C, H, W)`` in [0, 1] in the attack's order,
+        ``truth`` ``float32 (N, C, H, W)`` in [0, 1] in the client's order of use, ``labels`` ``int64 (B,)`` and
+        ``true_labels`` ``int64 (N,)`` in those orders, ``match`` ``int64 (K, 2)`` — the pairs
+        (reconstruction index, truth index) that were scored — and ``sample_indices`` ``int64 (N,)``.
     """
     truth, labels = truth_from_audit(data, audit)
     rec = denormalize(result.images.detach().float().cpu(), data.mean, data.std).numpy()
@@ -55,4 +59,10 @@ def score_reconstruction(data: Dataset, result: AttackResult, audit: Mapping[str
     scores["truth"] = truth[ti]
     scores["true_labels"] = labels[ti].tolist()
     scores["labels"] = result.labels.cpu().numpy()[ri].tolist()
+    scores["arrays"] = {
+        "reconstruction": rec.astype(np.float32), "truth": truth.astype(np.float32),
+        "labels": result.labels.cpu().numpy().astype(np.int64), "true_labels": np.asarray(labels, np.int64),
+        "match": np.stack([ri, ti], axis=1).astype(np.int64).reshape(-1, 2),
+        "sample_indices": np.asarray(list(dict.fromkeys(int(i) for i in audit[SAMPLE_INDICES])), np.int64),
+    }
     return scores

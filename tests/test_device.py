@@ -237,12 +237,9 @@ def _live_tensors() -> tuple[int, int]:
     gc.collect()
     count, nbytes = 0, 0
     for obj in gc.get_objects():
-        try:
-            if torch.is_tensor(obj):
-                count += 1
-                nbytes += obj.numel() * obj.element_size()
-        except ReferenceError:  # a dead weak proxy
-            continue
+        if issubclass(type(obj), torch.Tensor):  # type(): no __class__ lookup on proxies and deprecated aliases
+            count += 1
+            nbytes += obj.numel() * obj.element_size()
     return count, nbytes
 
 

@@ -23,7 +23,8 @@ updates, no reply within ``round-timeout``, dropouts), ``skipped`` (only when fe
 usable: why the global model was kept) and ``attacks`` (per attack: ``round``, ``client``, ``attack``,
 ``psnr``, ``ssim``, ``mse``, ``label_accuracy``, ``time_s``, ``iterations``, ``image``).
 
-TensorBoard (:class:`RunRecorder`; ``tensorboard --logdir runs`` or ``--logdir SWEEP_DIR`` shows runs side by side):
+TensorBoard (:class:`RunRecorder`; ``tensorboard --logdir runs``, or ``--logdir SWEEP_DIR/cells`` for a sweep, shows
+runs side by side):
 scalars ``test/accuracy``, ``test/loss`` (evaluated rounds), ``train/loss`` (mean over the round's clients), ``lr``,
 ``time/round_s``, ``time/attack_s``, ``privacy/epsilon`` (the largest ``dp_epsilon`` a client reported that round,
 DP defenses only), and per attack ``attack/psnr``, ``attack/ssim``, ``attack/mse``, ``attack/label_accuracy``,

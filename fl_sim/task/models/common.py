@@ -36,8 +36,8 @@ def classifier_layer(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-def evaluate(model: nn.Module, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
-             device: torch.device, batch_size: int = 1000) -> tuple[float, float]:
+def evaluate(model: nn.Module, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, mean: tuple[float, ...],
+             std: tuple[float, ...], device: torch.device, batch_size: int = 1000) -> tuple[float, float]:
     """Mean cross-entropy loss and accuracy (0–1) of ``model`` on ``uint8`` images ``x (N, H, W, C)``, labels ``y``.
 
     ``x`` and ``y`` are NumPy arrays or tensors (e.g. :func:`fl_sim.task.datasets.on_device`'s copy on

@@ -25,7 +25,7 @@ from attacker.options import AttackOptions
 from attacker.payload import (SERVER_CONFIG, AttackError, AttackPayload, AttackResult, Budget, BudgetExhausted,
                               DefenseInfo, NotApplicable, ThreatModel, ThreatModelError, images_in_update,
                               update_to_gradient)
-from fl_sim.task.config import TaskConfig
+from fl_sim.task.config import TaskConfig, check_device_name
 from fl_sim.task.keys import Key, merge, read
 from fl_sim.task.registry import Registry
 
@@ -92,6 +92,11 @@ BUDGET_KEYS = {
     "attack-restarts": Key(1, "random restarts per attack; the best objective is kept", low=1),
     "attack-time-limit": Key(120.0, "seconds per attack before it stops with its best result (0 = none)", low=0),
 }
+#: Where the attacks compute, when not where the rest of the run does (``device``).
+ATTACK_DEVICE_KEY = {
+    "attack-device": Key("", "where the attacks compute: empty = the device key; else auto, cpu, cuda or cuda:N "
+                             "(R-GAP solves its float64 systems on the CPU whatever the device)"),
+}
 
 
 def attack_keys() -> dict[str, Key]:
@@ -100,7 +105,17 @@ def attack_keys() -> dict[str, Key]:
     Raises:
         ValueError: two attacks declare one key differently.
     """
-    return merge(ATTACK_KEY, BUDGET_KEYS, attack_options.KEYS, *(a.keys for a in ATTACKS.values()))
+    return merge(ATTACK_KEY, BUDGET_KEYS, ATTACK_DEVICE_KEY, attack_options.KEYS, *(a.keys for a in ATTACKS.values()))
+
+
+def attack_device_from(cfg: Mapping[str, Any]) -> str:
+    """The ``attack-device`` key of ``cfg`` (syntax checked; ``""`` = the ``device`` key), not yet resolved on a
+    machine (:func:`fl_sim.task.config.resolve_device` does that where the attack runs).
+
+    Raises:
+        ConfigError: not empty, auto, cpu, cuda or cuda:N.
+    """
+    return check_device_name("attack-device", str(read(ATTACK_DEVICE_KEY, cfg)["attack-device"]), allow_empty=True)
 
 
 def budget_from(cfg: Mapping[str, Any], seed: int) -> Budget:
@@ -114,7 +129,7 @@ def budget_from(cfg: Mapping[str, Any], seed: int) -> Budget:
                   time_limit_s=float(v["attack-time-limit"]), seed=int(seed))
 
 
-__all__ = ["ATTACKS", "ATTACK_KEY", "Attack", "AttackError", "AttackOptions", "AttackPayload", "AttackResult",
-           "BUDGET_KEYS", "Budget", "BudgetExhausted", "DefenseInfo", "NotApplicable", "ThreatModel",
-           "ThreatModelError", "attack_keys", "batch_images", "budget_from", "images_in_update",
+__all__ = ["ATTACKS", "ATTACK_DEVICE_KEY", "ATTACK_KEY", "Attack", "AttackError", "AttackOptions", "AttackPayload",
+           "AttackResult", "BUDGET_KEYS", "Budget", "BudgetExhausted", "DefenseInfo", "NotApplicable", "ThreatModel",
+           "ThreatModelError", "attack_device_from", "attack_keys", "batch_images", "budget_from", "images_in_update",
            "update_to_gradient"]

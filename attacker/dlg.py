@@ -82,7 +82,7 @@ def _soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> to
 def _match(payload: AttackPayload, budget: Budget, joint_labels: bool, options: AttackOptions | None) -> AttackResult:
     start = time.perf_counter()
     options = options or AttackOptions()
-    model = payload.build_model()
+    model = payload.build_model(budget.device)
     target = matching.prepare(payload, model, options)
     params = target.needed_params
     b = payload.batch_size

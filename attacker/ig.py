@@ -124,7 +124,7 @@ def signed_adam(objective: Callable[[torch.Tensor], torch.Tensor], shape: tuple[
 def _ig(payload: AttackPayload, budget: Budget, options: AttackOptions | None) -> AttackResult:
     start = time.perf_counter()
     options = options or AttackOptions()
-    model = payload.build_model()
+    model = payload.build_model(budget.device)
     device = next(model.parameters()).device
     target = matching.prepare(payload, model, options)
     labels = recover_labels(model, target.grads, payload.batch_size, options.labels, payload.input_shape).to(device)
@@ -218,7 +218,7 @@ def label_orders(labels: list[int], steps: list[list[int]], limit: int, seed: in
 def _unrolled(payload: AttackPayload, budget: Budget, options: AttackOptions | None) -> AttackResult:
     start = time.perf_counter()
     options = options or AttackOptions()
-    model = payload.build_model()
+    model = payload.build_model(budget.device)
     device = next(model.parameters()).device
     target = matching.prepare(payload, model, options)
     step_clip = target.clip if options.clip_scope == "gradient" else 0.0

@@ -273,6 +273,8 @@ class Budget:
         time_limit_s: wall-clock seconds for the whole attack (0 = none); the best result so far is returned.
         seed: seed of the random initialisation.
         progress: optional callback ``(iteration, objective)`` called every few iterations.
+        device: where the attack computes (``payload.build_model(budget.device)``; its random starts are still
+            drawn on the CPU from ``seed``, so a CPU run is unchanged and a GPU run starts from the same points).
     """
 
     iterations: int = 0
@@ -280,6 +282,7 @@ class Budget:
     time_limit_s: float = 0.0
     seed: int = 0
     progress: Callable[[int, float], None] | None = None
+    device: str | torch.device = "cpu"
 
 
 @dataclass

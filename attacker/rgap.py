@@ -372,7 +372,8 @@ def rgap(payload: AttackPayload, budget: Budget, options: AttackOptions | None =
     """
     start = time.perf_counter()
     options = options or AttackOptions()
-    model = payload.build_model()
+    # closed form in float64 NumPy: on the CPU whatever budget.device says (a GPU would only add copies)
+    model = payload.build_model("cpu")
     layers = network_layers(model, payload.input_shape)
     grads = [g.detach() for g in payload.gradients(model)]
     batch = payload.batch_size

@@ -117,7 +117,8 @@ def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 100
     clients = int(sys.argv[2]) if len(sys.argv) > 2 else 10
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    cfg = resolve({"num-server-rounds": rounds, "num-supernodes": clients, "attack-every": 0})
+    # device=cpu: the plain loop runs on the CPU, so the simulation does too (benchmarks/bench_gpu.py times GPUs)
+    cfg = resolve({"num-server-rounds": rounds, "num-supernodes": clients, "attack-every": 0, "device": "cpu"})
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}; {clients} clients, {rounds} rounds, "
           f"{cfg['model']}, {cfg['mode']} B={cfg['batch-size']}")
     t_plain, acc_plain = plain_loop(cfg, client_secret=0)

@@ -27,7 +27,8 @@ from clients.config import ClientSpec
 from clients.pipeline import client_update, prepare_model
 from fl_sim.task import contract
 from fl_sim.task.contract import TrainConfig
-from fl_sim.task.datasets import load_dataset
+from fl_sim.task.datasets import load_dataset, on_device
+from fl_sim.task.keys import ConfigError
 from fl_sim.task.models import evaluate
 from fl_sim.task.partition import eval_share, partitions
 
@@ -44,11 +45,32 @@ def _setup(context: Context) -> tuple[ClientSpec, int, int, torch.device]:
     pid = int(context.node_config[contract.PARTITION_ID])
     nparts = int(context.node_config[contract.NUM_PARTITIONS])
     torch.set_num_threads(max(1, int(spec.client.num_cpus)))
-    use_cuda = spec.client.num_gpus > 0
-    if use_cuda and not torch.cuda.is_available():  # an error reply the server logs, not a silent CPU run
-        raise RuntimeError(f"client-num-gpus={spec.client.num_gpus} but CUDA is not available to this client "
-                           "(no GPU, or the simulation gave its actors none: client-resources-num-gpus)")
-    return spec, pid, nparts, torch.device("cuda" if use_cuda else "cpu")
+    return spec, pid, nparts, client_device(spec)
+
+
+def client_device(spec: ClientSpec) -> torch.device:
+    """Where this client trains and evaluates.
+
+    With ``client-num-gpus > 0`` (a GPU share Ray reserves for each virtual client) it is the GPU Ray assigned to
+    this actor — the current CUDA device, since Ray's ``CUDA_VISIBLE_DEVICES`` leaves the actor that one GPU — and
+    ``device`` must not be ``cpu``. Otherwise it is the ``device`` key resolved on this client's machine
+    (``auto``: CUDA when present, else CPU).
+
+    Raises:
+        RuntimeError: CUDA asked for (by either key) but not available to this client — the server logs the error
+            reply instead of the client silently training on the CPU.
+    """
+    if spec.client.num_gpus > 0:
+        if spec.task.device == "cpu":
+            raise RuntimeError(f"client-num-gpus={spec.client.num_gpus} asks for a GPU share but device='cpu'")
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"client-num-gpus={spec.client.num_gpus} but CUDA is not available to this client "
+                               "(no GPU, or the simulation gave its actors none: client-resources-num-gpus)")
+        return torch.device("cuda", torch.cuda.current_device())
+    try:
+        return spec.task.torch_device()
+    except ConfigError as exc:  # a SuperNode without the GPU the run config names
+        raise RuntimeError(f"this client cannot compute where the run config says: {exc}") from exc
 
 
 def drops_out(rate: float, seed: int, server_round: int, partition_id: int) -> bool:
@@ -118,6 +140,8 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
     model, _ = prepare_model(spec, msg.content[contract.ARRAYS].to_torch_state_dict(), context.state,
                              secrets.once_seed(secret, task.seed), device)
     state.checkpoint(context, state_dir, rnd)
-    loss, acc = evaluate(model, data.x_test[idx], data.y_test[idx], data.mean, data.std, device)
+    x_test, y_test = on_device(data, "test", device)  # once per process
+    rows = torch.as_tensor(idx, device=device)
+    loss, acc = evaluate(model, x_test[rows], y_test[rows], data.mean, data.std, device)
     metrics = MetricRecord({contract.NUM_EXAMPLES: len(idx), "eval-loss": loss, "eval-acc": acc})
     return Message(content=RecordDict({contract.METRICS: metrics}), reply_to=msg)

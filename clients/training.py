@@ -21,7 +21,7 @@ from torch import nn
 
 from clients.defenses import Defense, StepContext
 from fl_sim.task.contract import TrainConfig
-from fl_sim.task.datasets import Dataset, to_tensor
+from fl_sim.task.datasets import Dataset, on_device, to_tensor
 
 
 @dataclass
@@ -86,7 +86,8 @@ def local_train(model: nn.Module, data: Dataset, partition: np.ndarray, train_co
 
     Args:
         model: the global model, loaded (and prepared by the defense's ``on_model``), on ``device``.
-        data: the dataset (``uint8`` arrays; batches are converted on the fly).
+        data: the dataset (``uint8`` arrays; the training split goes to ``device`` once per process,
+            :func:`fl_sim.task.datasets.on_device`, and each batch is indexed and normalised there).
         partition: ``int64`` indices of this client's samples in ``data.x_train``.
         train_config: what the server sent this round.
         defense: the defense applied to every step's gradient.
@@ -112,9 +113,11 @@ def local_train(model: nn.Module, data: Dataset, partition: np.ndarray, train_co
     gen = torch.Generator(device="cpu").manual_seed(seed)
     model.train()
     losses, info = [], {}
+    x_all, y_all = on_device(data, "train", device)  # copied to the device once per process, not per round
     for step, idx in enumerate(batches):
-        x = to_tensor(data.x_train[idx], data.mean, data.std, device)
-        y = torch.as_tensor(data.y_train[idx], device=device)
+        rows = torch.as_tensor(idx, device=device, dtype=torch.long)
+        x = to_tensor(x_all[rows], data.mean, data.std, device)
+        y = y_all[rows]
         if len(idx):
             loss = F.cross_entropy(model(x), y)
             grads = list(torch.autograd.grad(loss, params_list))

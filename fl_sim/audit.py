@@ -30,7 +30,7 @@ from skimage import color, io, transform
 from attacker import AttackPayload
 from clients import secrets as client_secrets
 from clients.pipeline import client_update
-from fl_sim.config import ConfigError, check_attack_images, check_attack_with_model, check_model, specs
+from fl_sim.config import ConfigError, check_attack_images, check_attack_with_model, check_devices, check_model, specs
 from fl_sim.results import atomic_write_text, finite, save_pair_figure
 from fl_sim.task import contract
 from fl_sim.task.contract import TrainConfig
@@ -168,12 +168,17 @@ def audit_round(cfg: Mapping[str, Any], data: Dataset, out_dir: Path | None = No
         ``(strategy, reply, aggregate)``: the strategy after the round (its ``last_record`` holds the attack), the
         client's reply as the server received it, and the aggregated (and server-stepped) global model.
 
+    The client trains on the ``device`` key's device; the server side evaluates and attacks where ``device`` and
+    ``attack-device`` say (on the CPU, the payload is the same bit for bit as a run's).
+
     Raises:
         ConfigError: a model that does not take these inputs, layer patterns that match nothing, an attack that
-            cannot run on this model, or one that would not reconstruct as many images as the update holds.
+            cannot run on this model, one that would not reconstruct as many images as the update holds, or CUDA
+            asked for where there is none.
     """
     run = specs(cfg)
     task = run.server.task
+    device, _ = check_devices(cfg)  # the client trains there; the strategy evaluates and attacks where cfg says
     torch.manual_seed(task.seed)
     model = check_model(cfg, data.input_shape, data.num_classes)
     check_attack_with_model(cfg, model)
@@ -188,7 +193,7 @@ def audit_round(cfg: Mapping[str, Any], data: Dataset, out_dir: Path | None = No
     secret = client_secrets.node_secret(AUDIT_CLIENT_SECRET, 0)
     update = client_update(run.client, arrays.to_torch_state_dict(), data, np.arange(len(data.y_train)),
                            train_config, RecordDict(), client_secrets.once_seed(secret, task.seed),
-                           client_secrets.round_seed(secret, task.seed, 1), torch.device("cpu"))
+                           client_secrets.round_seed(secret, task.seed, 1), device)
     content = contract.train_reply(update.state, update.metrics, 0, update.sample_indices)
     md = Metadata(run_id=0, message_id=uuid.uuid4().hex, src_node_id=AUDIT_NODE, dst_node_id=0,
                   reply_to_message_id=uuid.uuid4().hex, group_id="1", created_at=time.time(), ttl=3600,
@@ -219,6 +224,7 @@ def run_audit(cfg: Mapping[str, Any], data: Dataset, out_dir: Path | None = None
         ConfigError: as :func:`audit_round`, or an attack that fails on this update (a declared
             :class:`attacker.AttackError`).
     """
+    check_devices(cfg)  # before anything is written
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     strategy, reply, _ = audit_round(cfg, data, out_dir, reference)
@@ -243,7 +249,7 @@ def run_audit(cfg: Mapping[str, Any], data: Dataset, out_dir: Path | None = None
         "defense_time_s": metrics[contract.DEFENSE_TIME],
         "extras": {k: v for k, v in attack.items() if k not in known},
         "settings": {k: cfg[k] for k in cfg if k.startswith(("attack", "defense")) or k in (
-            "mode", "lr", "batch-size", "local-steps", "local-epochs", "seed")},
+            "mode", "lr", "batch-size", "local-steps", "local-epochs", "seed", "device")},
     }
     if out_dir is not None:
         atomic_write_text(out_dir / "attack.json", json.dumps(finite(record), indent=2))

@@ -23,7 +23,7 @@ import torch
 from attacker import DefenseInfo, attack_keys, images_in_update
 from clients.config import CLIENT_KEYS, ClientSpec
 from clients.defenses import DEFENSES, defense_keys
-from fl_sim.task.config import TASK_KEYS, load_plugins
+from fl_sim.task.config import TASK_KEYS, load_plugins, resolve_device
 from fl_sim.task.datasets import DATASETS, DataError, load_dataset
 from fl_sim.task.keys import ConfigError, Key, Value, merge, unknown_key
 from fl_sim.task.models import build_model
@@ -219,15 +219,18 @@ def check_model(cfg: Mapping[str, Any], input_shape: tuple[int, int, int], num_c
 def check_feasible(cfg: Mapping[str, Any], machine: bool = True) -> None:
     """Checks that need the data, the model or the machine (run once before a simulation starts).
 
-    Loads the dataset (cached), builds the partitions and the model, and (``machine``) looks for CUDA when GPUs are
-    asked for — the ServerApp of a deployment leaves that to the SuperNodes' machines.
+    Resolves the device keys (:func:`check_devices`), loads the dataset (cached), builds the partitions and the
+    model, and (``machine``) looks for CUDA when GPUs are asked for — the ServerApp of a deployment leaves that to
+    the SuperNodes' machines.
 
     Raises:
-        ConfigError: a batch larger than some partition, an attack that would not reconstruct as many images as
-            the attacked update holds (:func:`check_attack_images`), a model that does not fit the dataset, GPUs
-            requested on a machine without CUDA, or data that cannot be loaded.
+        ConfigError: CUDA asked for (``device``, ``attack-device``, ``client-num-gpus``) on a machine without it, a
+            batch larger than some partition, an attack that would not reconstruct as many images as the attacked
+            update holds (:func:`check_attack_images`), a model that does not fit the dataset, or data that cannot
+            be loaded.
     """
     task = specs(cfg).server.task
+    check_devices(cfg)
     try:
         ds = load_dataset(task.dataset, task.data_dir)
     except DataError as exc:
@@ -247,6 +250,27 @@ def check_feasible(cfg: Mapping[str, Any], machine: bool = True) -> None:
     if machine and float(cfg["client-num-gpus"]) > 0 and not torch.cuda.is_available():
         raise ConfigError(f"client-num-gpus={cfg['client-num-gpus']} is not allowed on this machine: CUDA is not "
                           "available; use client-num-gpus=0")
+
+
+def check_devices(cfg: Mapping[str, Any]) -> tuple[torch.device, torch.device]:
+    """Resolve the ``device`` and ``attack-device`` keys on this machine (where the server, the audit or a
+    simulation's clients run), and check them against ``client-num-gpus``.
+
+    Returns:
+        ``(device, attack device)``.
+
+    Raises:
+        ConfigError: CUDA asked for where there is none (or a GPU index this machine lacks), or a GPU share per
+            client (``client-num-gpus > 0``) with ``device=cpu``.
+    """
+    run = specs(cfg).server
+    device = run.task.torch_device()
+    attack = resolve_device(run.attack.device, "attack-device") if run.attack.device else device
+    gpus = float(cfg.get("client-num-gpus", 0.0))
+    if gpus > 0 and run.task.device == "cpu":
+        raise ConfigError(f"client-num-gpus={gpus:g} is not allowed with device='cpu': a GPU share per client needs "
+                          "device=auto, cuda or cuda:N (or client-num-gpus=0)")
+    return device, attack
 
 
 def dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:

@@ -22,9 +22,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from flwr.superlink.grid import InMemoryGrid
 
-from fl_sim.config import ConfigError, check_feasible, resolve, specs
+from fl_sim.config import ConfigError, check_devices, check_feasible, resolve, specs
 from fl_sim.report import write_run_report
-from fl_sim.results import RunRecorder, read_metrics, run_dir_for, summarize, write_summary
+from fl_sim.results import RunRecorder, provenance, read_metrics, run_dir_for, summarize, write_summary
 from fl_sim.task.datasets import load_dataset
 from fl_sim.task.models import build_model
 from strategies.checkpoint import RoundOffset, checkpointing, load_checkpoint, restore, save_checkpoint, truncate_metrics
@@ -158,17 +158,24 @@ def run_server(grid: Grid, cfg: Mapping[str, Any], on_round: Callable[[dict[str,
     else:
         run_dir = prepare_run_dir(cfg)
         ckpt, done, elapsed = None, 0, 0.0
-    recorder = RunRecorder(run_dir, cfg)
+    check_devices(cfg)  # CUDA asked for where there is none: a ConfigError before anything starts
+    recorder = RunRecorder(run_dir, cfg, resume_after=done)
     log(INFO, "fl-sim: writing results to %s%s", run_dir, f" (resuming after round {done})" if resume else "")
     start, status = time.time() - elapsed, "failed"
+    latest: dict[str, ArrayRecord] = {}  # the global model after the last completed round (final_model.pt)
+
+    def save_round(rnd: int, arrays: ArrayRecord) -> None:
+        latest["arrays"] = arrays
+        save_checkpoint(run_dir, rnd, arrays, strategy, time.time() - start)
+
     try:
         wait_for_nodes(grid, spec.task.num_supernodes, spec.server.node_timeout)
         model = build_model(spec.task.model, data.input_shape, data.num_classes)
         strategy = CuriousFedAvg(spec, data, recorder, on_round=on_round, stop=stop)
         initial = restore(ckpt, strategy) if ckpt is not None else ArrayRecord(model.state_dict())
-        evaluate_fn = checkpointing(
-            strategy.evaluate_round, done,
-            lambda rnd, arrays: save_checkpoint(run_dir, rnd, arrays, strategy, time.time() - start))
+        if done:
+            latest["arrays"] = initial
+        evaluate_fn = checkpointing(strategy.evaluate_round, done, save_round)
         runner = RoundOffset(strategy, done) if done else strategy
         runner.start(grid=grid, initial_arrays=initial, num_rounds=spec.server.num_server_rounds - done,
                      timeout=spec.server.round_timeout, evaluate_fn=evaluate_fn)
@@ -176,8 +183,12 @@ def run_server(grid: Grid, cfg: Mapping[str, Any], on_round: Callable[[dict[str,
     except KeyboardInterrupt:
         status = "interrupted"
     finally:
+        if "arrays" in latest:
+            recorder.save_final_model(latest["arrays"].to_torch_state_dict())
         recorder.close()
-        write_summary(run_dir, summarize(read_metrics(run_dir), cfg, time.time() - start, status))
+        summary = summarize(read_metrics(run_dir), cfg, time.time() - start, status)
+        summary["provenance"] = provenance(cfg)
+        write_summary(run_dir, summary)
         write_run_report(run_dir)
     return run_dir
 
@@ -206,4 +217,4 @@ def main(grid: Grid, context: Context) -> None:
     check_feasible(cfg, machine=False)
     if isinstance(grid, InMemoryGrid):  # simulation runtime: clients run on this machine
         check_simulation_gpus(cfg)
-    run_server(grid, cfg)
+    run_server(grid, cfg)  # checks the device keys on the server's machine before any round

@@ -13,7 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from attacker import ATTACK_KEY, ATTACKS, Attack, AttackOptions, Budget, DefenseInfo, budget_from
+import torch
+
+from attacker import (ATTACK_KEY, ATTACKS, Attack, AttackOptions, Budget, DefenseInfo, attack_device_from,
+                      budget_from)
 from fl_sim.task.config import TaskConfig
 from fl_sim.task.keys import ConfigError, Key, build, read
 from strategies.steps import SERVER_STEPS, ServerStep
@@ -69,12 +72,14 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class AttackPlan:
-    """The attack the server runs: its registry name and entry, its options, and the budget keys' values."""
+    """The attack the server runs: its registry name and entry, its options, the budget keys' values, and the
+    ``attack-device`` key (``""`` = where the rest of the run computes, the ``device`` key)."""
 
     name: str
     attack: Attack
     options: AttackOptions
     budget: Budget
+    device: str = ""
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> AttackPlan:
@@ -84,12 +89,14 @@ class AttackPlan:
             ConfigError: a bad value.
         """
         name = str(read(ATTACK_KEY, cfg)["attack"])
-        return cls(name, ATTACKS[name], AttackOptions.from_config(cfg), budget_from(cfg, 0))
+        return cls(name, ATTACKS[name], AttackOptions.from_config(cfg), budget_from(cfg, 0), attack_device_from(cfg))
 
-    def budget_for(self, seed: int, server_round: int) -> Budget:
-        """This plan's budget with the seed of ``server_round``'s attack (public: from the run's seed)."""
+    def budget_for(self, seed: int, server_round: int, device: str | torch.device = "cpu") -> Budget:
+        """This plan's budget with the seed of ``server_round``'s attack (public: from the run's seed), computing on
+        ``device`` (resolved by the caller on its machine)."""
         b = self.budget
-        return Budget(b.iterations, b.restarts, b.time_limit_s, seed=int(seed) * 100_003 + server_round)
+        return Budget(b.iterations, b.restarts, b.time_limit_s, seed=int(seed) * 100_003 + server_round,
+                      device=device)
 
 
 @dataclass(frozen=True)

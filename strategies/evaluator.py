@@ -60,7 +60,11 @@ def score_reconstruction(data: Dataset, result: AttackResult, audit: Mapping[str
         ``psnr``, ``ssim``, ``mse``, ``label_accuracy`` (see :func:`strategies.metrics.score`), ``psnr_chance``,
         ``ssim_chance``, ``mse_chance`` (:func:`strategies.metrics.chance_scores`), plus ``reconstruction`` and
         ``truth`` — ``float32 (B, C, H, W)`` arrays in [0, 1], the truth reordered to match the reconstruction —
-        and the matched ``labels`` / ``true_labels``, for figures.
+        and the matched ``labels`` / ``true_labels``, for figures, and ``arrays`` (the raw results a run directory
+        keeps in ``reconstructions.npz``): ``reconstruction`` ``float32 (B, C, H, W)`` in [0, 1] in the attack's
+        order, ``truth`` ``float32 (N, C, H, W)`` in [0, 1] in the client's order of use, ``labels`` ``int64 (B,)``
+        and ``true_labels`` ``int64 (N,)`` in those orders, ``match`` ``int64 (K, 2)`` — the pairs (reconstruction
+        index, truth index) that were scored — and ``sample_indices`` ``int64 (N,)``.
 
     Raises:
         ValueError: the attack returned another number of images than the update holds (the run's checks make an
@@ -79,4 +83,10 @@ def score_reconstruction(data: Dataset, result: AttackResult, audit: Mapping[str
     scores["truth"] = truth[ti]
     scores["true_labels"] = labels[ti].tolist()
     scores["labels"] = result.labels.cpu().numpy()[ri].tolist()
+    scores["arrays"] = {
+        "reconstruction": rec.astype(np.float32), "truth": truth.astype(np.float32),
+        "labels": result.labels.cpu().numpy().astype(np.int64), "true_labels": np.asarray(labels, np.int64),
+        "match": np.stack([ri, ti], axis=1).astype(np.int64).reshape(-1, 2),
+        "sample_indices": np.asarray(list(dict.fromkeys(int(i) for i in audit[SAMPLE_INDICES])), np.int64),
+    }
     return scores

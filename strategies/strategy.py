@@ -23,7 +23,6 @@ from logging import INFO, WARNING
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -34,7 +33,8 @@ from attacker.payload import AttackError, images_in_update, split_update
 from fl_sim.task.contract import (ARRAYS, CONFIG, NUM_EXAMPLES, STANDARD_METRICS, TRAIN_LOSS, TRAIN_TIME,
                                   DEFENSE_TIME, SAMPLE_INDICES, TrainConfig, reply_audit, reply_metrics,
                                   reply_partition)
-from fl_sim.task.datasets import Dataset
+from fl_sim.task.config import resolve_device
+from fl_sim.task.datasets import Dataset, on_device
 from fl_sim.task.models import build_model, evaluate
 from strategies.config import ServerSpec
 from strategies.evaluator import chance_reference, score_reconstruction
@@ -43,7 +43,11 @@ from strategies.rounds import SentRound, cast_like, sent_round
 
 
 class Recorder(Protocol):
-    """Where the strategy writes what it observes (the roof's run-directory writer implements it)."""
+    """Where the strategy writes what it observes (the roof's run-directory writer implements it).
+
+    ``log_round`` and ``save_attack_figure`` are required. The strategy calls the others only on recorders that
+    have them (:data:`OPTIONAL_RECORDER_METHODS`), so a minimal recorder (the audit's, a test's) need not.
+    """
 
     def log_round(self, record: dict[str, Any]) -> None:
         """Keep one round's record."""
@@ -51,6 +55,21 @@ class Recorder(Protocol):
     def save_attack_figure(self, server_round: int, truth: np.ndarray, reconstruction: np.ndarray, title: str,
                            labels: list[int] | None = None, true_labels: list[int] | None = None) -> str:
         """Save truth above reconstruction; return where (relative to the run directory)."""
+
+    def save_intercepted(self, server_round: int, client: str, payload: AttackPayload) -> str:
+        """Keep the server's full view of the attacked update (before the cut to the attack's threat model, never
+        the audit record); return where (relative to the run directory)."""
+
+    def save_attack_arrays(self, server_round: int, attack: str, arrays: dict[str, np.ndarray]) -> None:
+        """Keep an attack's raw results (the evaluator's ``arrays``: reconstruction and truth in [0, 1], labels,
+        the matching used for scoring)."""
+
+    def log_attack_progress(self, server_round: int, attack: str, trace: list[tuple[int, float]]) -> None:
+        """Keep an attack's objective against iteration, as its ``Budget.progress`` reported it."""
+
+
+#: Recorder methods the strategy calls only when the recorder has them.
+OPTIONAL_RECORDER_METHODS = ("save_intercepted", "save_attack_arrays", "log_attack_progress")
 
 
 class CuriousFedAvg(FedAvg):
@@ -88,7 +107,12 @@ class CuriousFedAvg(FedAvg):
         self.on_round = on_round
         self.stop = stop or (lambda: False)
         self.rng = random.Random(spec.task.seed)
-        self.eval_model = build_model(spec.task.model, data.input_shape, data.num_classes)
+        #: Where central evaluation runs (the ``device`` key) and where the attacks run (``attack-device``, else
+        #: ``device``), resolved on the server's machine (ConfigError when CUDA is asked for and absent).
+        self.device = spec.task.torch_device()
+        self.attack_device = (resolve_device(spec.attack.device, "attack-device") if spec.attack.device
+                              else self.device)
+        self.eval_model = build_model(spec.task.model, data.input_shape, data.num_classes).to(self.device)
         self.parameter_names = [n for n, _ in self.eval_model.named_parameters()]
         self._sent: SentRound | None = None
         #: the chance-level reconstruction (``(C, H, W)`` in [0, 1]); None = the training split's mean image, computed
@@ -298,15 +322,20 @@ class CuriousFedAvg(FedAvg):
             raise ValueError(f"attack={plan.name!r} reconstructs {wants} image(s) but the update of client {client} "
                              f"holds {holds} (mode={self._sent.train_config.mode!r}); an attack must reconstruct as "
                              "many images as the update holds")
-        budget = plan.budget_for(self.spec.task.seed, server_round)
+        self._recorder_call("save_intercepted", server_round, client, self.payload(msg))
+        budget = plan.budget_for(self.spec.task.seed, server_round, self.attack_device)
+        trace: list[tuple[int, float]] = []
+        budget.progress = lambda it, value: trace.append((int(it), float(value)))
         t0 = time.perf_counter()
         try:
             result = plan.attack.run(payload, budget, plan.options)
         except AttackError as exc:  # a failure the attack declares: counted, the run goes on
             log(WARNING, "attack round %s client %s failed: %s: %s", server_round, client, type(exc).__name__, exc)
+            self._recorder_call("log_attack_progress", server_round, plan.name, trace)
             return {"round": server_round, "client": client, "attack": plan.name, "num_images": holds,
                     "time_s": time.perf_counter() - t0, "error": f"{type(exc).__name__}: {exc}",
                     "error_type": type(exc).__name__}
+        self._recorder_call("log_attack_progress", server_round, plan.name, trace)
         record: dict[str, Any] = {"round": server_round, "client": client, "attack": plan.name,
                                   "time_s": result.time_s, "iterations": result.iterations,
                                   "objective": result.objective, **result.extras, "num_images": holds}
@@ -324,6 +353,7 @@ class CuriousFedAvg(FedAvg):
             scores = score_reconstruction(self.data, result, audit, self.chance_image)
             truth, rec = scores.pop("truth"), scores.pop("reconstruction")
             labels, true_labels = scores.pop("labels"), scores.pop("true_labels")
+            self._recorder_call("save_attack_arrays", server_round, plan.name, scores.pop("arrays"))
             record.update(scores)
             record["labels"], record["true_labels"], record["num_images"] = labels, true_labels, len(truth)
             below = " (below chance: nothing recovered)" if scores["psnr"] <= scores["psnr_chance"] else ""
@@ -344,8 +374,8 @@ class CuriousFedAvg(FedAvg):
         metrics = None
         if server_round % self.spec.server.eval_every == 0 or server_round == self.num_rounds:
             self.eval_model.load_state_dict(arrays.to_torch_state_dict())
-            loss, acc = evaluate(self.eval_model, self.data.x_test, self.data.y_test, self.data.mean,
-                                 self.data.std, torch.device("cpu"))
+            x_test, y_test = on_device(self.data, "test", self.device)  # copied to the device once per process
+            loss, acc = evaluate(self.eval_model, x_test, y_test, self.data.mean, self.data.std, self.device)
             record["accuracy"], record["loss"] = acc, loss
             metrics = MetricRecord({"accuracy": acc, "loss": loss})
         else:
@@ -354,3 +384,9 @@ class CuriousFedAvg(FedAvg):
         if self.on_round is not None:
             self.on_round(record)
         return metrics
+
+    # -- the recorder's optional methods -------------------------------------------------------------------------
+    def _recorder_call(self, name: str, *args: Any) -> Any:
+        """Call the recorder's optional method ``name`` (:data:`OPTIONAL_RECORDER_METHODS`) if it has one."""
+        method = getattr(self.recorder, name, None)
+        return method(*args) if method is not None else None

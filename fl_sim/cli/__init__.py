@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from fl_sim.cli import attack, attacks, defenses, deploy, keys, rank, report, run, sweep
+from fl_sim.cli import attack, attacks, defenses, deploy, export, keys, rank, report, run, sweep
 from fl_sim.task.keys import ConfigError
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -27,6 +27,7 @@ cli.command("defenses")(defenses.defenses_cmd)
 cli.command()(rank.rank)
 cli.command(context_settings=_HELP)(attack.attack)
 cli.command(context_settings=_HELP)(deploy.deploy)
+cli.command(context_settings=_HELP)(export.export)
 
 
 def main() -> None:

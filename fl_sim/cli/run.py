@@ -156,11 +156,13 @@ def _resume_config(run_dir: Path, overrides: list[str] | None, out: Path | None)
 
 def _finish_interrupted(cfg: dict[str, Any], start: float) -> None:
     from fl_sim.report import write_run_report
-    from fl_sim.results import read_metrics, run_dir_for, summarize, write_summary
+    from fl_sim.results import provenance, read_metrics, run_dir_for, summarize, write_summary
 
     run_dir = run_dir_for(cfg)
     if run_dir.is_dir():
-        write_summary(run_dir, summarize(read_metrics(run_dir), cfg, time.time() - start, "interrupted"))
+        summary = summarize(read_metrics(run_dir), cfg, time.time() - start, "interrupted")
+        summary["provenance"] = provenance(cfg)
+        write_summary(run_dir, summary)
         write_run_report(run_dir)
 
 

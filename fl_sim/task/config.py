@@ -8,9 +8,12 @@ to evaluate, the attacker's payload to know the architecture), so they live at t
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from fl_sim.task.contract import MODES, TrainConfig
 from fl_sim.task.datasets import DATASETS
@@ -39,7 +42,13 @@ TASK_KEYS: dict[str, Key] = {
     "local-steps": Key(0, "fedavg: local SGD steps K (0 = use local-epochs)", low=0),
     "audit": Key(True, "clients report the indices of the samples they trained on in an audit-only record "
                        "that only the evaluator reads (needed to score attacks)"),
+    "device": Key("auto", "where client training, central evaluation and the attacks compute: auto (CUDA when "
+                          "present, else CPU), cpu, cuda or cuda:N (attacks: attack-device; clients with "
+                          "client-num-gpus > 0 use the GPU Ray gives them)"),
 }
+
+#: The values a device key accepts: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -60,20 +69,80 @@ class TaskConfig:
     local_epochs: int
     local_steps: int
     audit: bool
+    device: str = "auto"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> TaskConfig:
         """Read the task keys of a run config (missing keys take their defaults).
 
         Raises:
-            ConfigError: a value its key does not allow.
+            ConfigError: a value its key does not allow (``device`` not one of auto, cpu, cuda, cuda:N).
         """
-        return build(cls, TASK_KEYS, cfg)
+        task = build(cls, TASK_KEYS, cfg)
+        check_device_name("device", task.device)
+        return task
+
+    def torch_device(self) -> torch.device:
+        """The ``device`` key resolved on this process's machine (:func:`resolve_device`).
+
+        Raises:
+            ConfigError: CUDA asked for where there is none (or not that many GPUs).
+        """
+        return resolve_device(self.device, "device")
 
     def train_config(self, lr: float | None = None, server_round: int = 0) -> TrainConfig:
         """The train config the server sends (``lr`` replaced by this round's scheduled value when given)."""
         return TrainConfig(self.mode, float(self.lr if lr is None else lr), self.batch_size, self.local_steps,
                            self.local_epochs, server_round)
+
+
+def check_device_name(key: str, value: str, allow_empty: bool = False) -> str:
+    """Check the syntax of a device key's value (``auto``, ``cpu``, ``cuda``, ``cuda:N``; ``""`` when allowed).
+
+    Nothing about the machine is checked here (a config may be written on one machine and run on another);
+    :func:`resolve_device` does that where the device is used.
+
+    Raises:
+        ConfigError: any other value, in one line naming ``key``.
+    """
+    if (allow_empty and value == "") or DEVICE_PATTERN.fullmatch(str(value)):
+        return str(value)
+    extra = ", or empty (= the device key)" if allow_empty else ""
+    raise ConfigError(f"{key}={value!r} is not allowed; {key} must be auto, cpu, cuda or cuda:N{extra}")
+
+
+def resolve_device(value: str, key: str = "device") -> torch.device:
+    """The ``torch.device`` a device key names, on the machine of the calling process.
+
+    ``auto`` is ``cuda:I`` (``I`` = ``torch.cuda.current_device()``, 0 unless set) when CUDA is available, else
+    ``cpu``; ``cuda`` is the current CUDA device; ``cuda:N`` is GPU ``N`` as this process numbers them (inside a Ray
+    actor given a GPU share, ``CUDA_VISIBLE_DEVICES`` leaves it one GPU, numbered 0).
+
+    Raises:
+        ConfigError: a bad value, CUDA asked for where ``torch.cuda.is_available()`` is false, or an index beyond
+            ``torch.cuda.device_count()``; the message is one line naming ``key``.
+    """
+    value = check_device_name(key, value)
+    if value == "cpu" or (value == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{key}={value!r} is not allowed on this machine: CUDA is not available; "
+                          f"{key} must be auto or cpu here")
+    if value in ("auto", "cuda"):
+        return torch.device("cuda", torch.cuda.current_device())
+    index, count = int(value.split(":")[1]), torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(f"{key}={value!r} is not allowed on this machine: it has {count} CUDA device(s), "
+                          f"so {key} must be cuda:0..cuda:{count - 1}, cuda, auto or cpu")
+    return torch.device("cuda", index)
+
+
+def device_label(device: torch.device) -> str:
+    """``"cpu"`` or ``"cuda:0 (NVIDIA H200)"``: a device with the GPU's name, for provenance and logs."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return str(device)
 
 
 def load_plugins(spec: str) -> list[str]:

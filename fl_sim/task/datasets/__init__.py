@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fl_sim.task.datasets import cifar, fashion_mnist, mnist
-from fl_sim.task.datasets.core import DataError, Dataset, denormalize, read_idx, to_tensor
+from fl_sim.task.datasets.core import DataError, Dataset, denormalize, on_device, read_idx, to_tensor
 from fl_sim.task.registry import Registry
 
 
@@ -58,5 +58,5 @@ def load_dataset(name: str, data_dir: str = "") -> Dataset:
     return DATASETS[name].loader(data_dir)
 
 
-__all__ = ["DATASETS", "DataError", "Dataset", "DatasetSpec", "denormalize", "load_dataset", "read_idx",
+__all__ = ["DATASETS", "DataError", "Dataset", "DatasetSpec", "denormalize", "load_dataset", "on_device", "read_idx",
            "to_tensor"]

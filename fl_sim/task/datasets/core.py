@@ -62,16 +62,61 @@ class Dataset:
 
 
 def to_tensor(
-    x: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], device: str | torch.device = "cpu"
+    x: np.ndarray | torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], device: str | torch.device = "cpu"
 ) -> torch.Tensor:
     """Convert ``uint8`` images ``(B, H, W, C)`` to a normalised ``float32`` tensor ``(B, C, H, W)``.
 
-    The result is ``(x / 255 - mean) / std`` per channel.
+    ``x`` is a NumPy array or a ``uint8`` tensor (e.g. a batch indexed from :func:`on_device`'s copy, already on
+    ``device``: then nothing crosses the bus). The result is ``(x / 255 - mean) / std`` per channel, bit for bit
+    the same for both kinds of input.
     """
-    t = torch.as_tensor(np.ascontiguousarray(x), device=device).permute(0, 3, 1, 2).float().div_(255.0)
+    if isinstance(x, torch.Tensor):
+        t = x.to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    else:
+        t = torch.as_tensor(np.ascontiguousarray(x), device=device).permute(0, 3, 1, 2).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     return (t - m) / s
+
+
+#: Per-process copies of dataset splits on a device: ``(id(dataset), split, device) -> (dataset, x, y)`` (the
+#: dataset is kept so that its id is not reused while the entry lives).
+_ON_DEVICE: dict[tuple[int, str, str], tuple[Dataset, torch.Tensor, torch.Tensor]] = {}
+#: Entries kept (a process holds one dataset, seldom two; the oldest entry is dropped first).
+ON_DEVICE_ENTRIES = 8
+
+
+def on_device(data: Dataset, split: str, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split of ``data`` as tensors on ``device``, copied there once per process (Ray actor, ServerApp).
+
+    Args:
+        data: the dataset (:func:`fl_sim.task.datasets.load_dataset` returns the same object within a process).
+        split: ``"train"`` or ``"test"``.
+        device: where the copy lives. On the CPU the tensors share the NumPy arrays' memory (no copy).
+
+    Returns:
+        ``(x uint8 (N, H, W, C), y int64 (N,))`` on ``device``; index them with a tensor of indices, then
+        :func:`to_tensor` the batch.
+
+    Raises:
+        ValueError: ``split`` is neither ``"train"`` nor ``"test"``.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r}; allowed: train, test")
+    device = torch.device(device)
+    key = (id(data), split, str(device))
+    hit = _ON_DEVICE.get(key)
+    if hit is not None and hit[0] is data:
+        return hit[1], hit[2]
+    x, y = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
+    # torch warns on (and must not write to) read-only NumPy memory: copy such arrays once
+    xt = torch.from_numpy(x if x.flags.writeable and x.flags.c_contiguous else np.ascontiguousarray(x).copy())
+    yt = torch.from_numpy(y if y.flags.writeable and y.flags.c_contiguous else np.ascontiguousarray(y).copy())
+    out = (xt.to(device), yt.to(device))
+    while len(_ON_DEVICE) >= ON_DEVICE_ENTRIES:
+        _ON_DEVICE.pop(next(iter(_ON_DEVICE)))
+    _ON_DEVICE[key] = (data, *out)
+    return out
 
 
 def denormalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

@@ -36,11 +36,13 @@ def classifier_layer(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...],
-             device: torch.device, batch_size: int = 1000) -> tuple[float, float]:
+def evaluate(model: nn.Module, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, mean: tuple[float, ...],
+             std: tuple[float, ...], device: torch.device, batch_size: int = 1000) -> tuple[float, float]:
     """Mean cross-entropy loss and accuracy (0–1) of ``model`` on ``uint8`` images ``x (N, H, W, C)``, labels ``y``.
 
-    The model is put in eval mode (BatchNorm uses its running statistics).
+    ``x`` and ``y`` are NumPy arrays or tensors (e.g. :func:`fl_sim.task.datasets.on_device`'s copy on
+    ``device``, so that nothing is copied per call). The model is put in eval mode (BatchNorm uses its running
+    statistics).
     """
     model.eval()
     total_loss, correct = 0.0, 0

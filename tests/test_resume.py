@@ -39,8 +39,9 @@ ARGS = ["num-supernodes=3", f"num-server-rounds={ROUNDS}", "fraction-train=0.67"
 #: (``defense=none`` keeps no client state; the dp-gaussian case runs the same seeded paths.)
 DEFENSE_CASES = [("dp-gaussian", "lenet-tanh"), ("fedkl", "lenet-kl"), ("graddefense", "lenet-tanh"),
                  ("dp-sgd", "lenet-tanh")]
-#: What is not reproducible run to run: wall-clock times, and the random Flower node ids of the failures.
-VOLATILE = ("time_s", "wall_time_s", "node")
+#: What is not reproducible run to run: wall-clock times, the random Flower node ids of the failures, and the
+#: provenance (how the process was started: a resumed run's command line says --resume).
+VOLATILE = ("time_s", "wall_time_s", "node", "provenance")
 
 
 def strip(x):

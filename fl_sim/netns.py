@@ -299,7 +299,8 @@ class NetnsFederation:
                 os.kill(pid, signal.SIGKILL)
             proc.wait()
             return None
-        found = re.search(r"Exit Code: (\d+)", (self.workdir / "supernode-unregistered.log").read_text(errors="replace"))
+        log = (self.workdir / "supernode-unregistered.log").read_text(errors="replace")
+        found = re.search(r"Exit Code: (\d+)", log)
         return int(found.group(1)) if found and status != 0 else None
 
     def tls_handshake(self, server_hostname: str) -> bool:

@@ -118,13 +118,13 @@ def test_soteria_batched_norms_equal_the_per_feature_loop(fmnist, model_name, ba
 
 
 class _Chain(torch.nn.Module):
-    """A conv chain unlike the LeNets: ReLU/LeakyReLU/eval BatchNorm/Sigmoid, odd and non-square input, last conv of
+    """A conv chain unlike the LeNets: in-place ReLU/LeakyReLU/eval BatchNorm/Sigmoid, odd and non-square input, last conv of
     stride 2 (the local-matrix path), input channels 3; ``detour`` adds an op between the chain and ``fc``."""
 
     def __init__(self, detour: bool = False):
         super().__init__()
         self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.ReLU(inplace=True),
             torch.nn.Sequential(torch.nn.Conv2d(4, 5, 3, padding=1), torch.nn.LeakyReLU(0.1)),
             torch.nn.BatchNorm2d(5), torch.nn.Conv2d(5, 6, 3, stride=2), torch.nn.Sigmoid())
         self.features[3].eval()
@@ -166,6 +166,9 @@ def test_soteria_windowed_path_refuses_what_it_cannot_check(fmnist):
         soteria.jacobian_norms(detour, x, method="windowed")
     torch.testing.assert_close(soteria.jacobian_norms(detour, x)[0], soteria.jacobian_norms_loop(detour, x)[0],
                                rtol=1e-5, atol=1e-7)
+    inplace = _Chain()
+    inplace.features[5] = torch.nn.Hardtanh(inplace=True)  # overwrites the input its derivative would be taken at
+    assert soteria.jacobian_norms_windowed(inplace, x, force=True) is None
     pooled = build_model("cnn", fmnist.input_shape, fmnist.num_classes)  # max-pooling: not a chain it handles
     assert soteria.jacobian_norms_windowed(pooled, torch.randn(1, *fmnist.input_shape), force=True) is None
 

@@ -210,8 +210,8 @@ def _chain_modules(model: nn.Module) -> list[nn.Module] | None:
     """``model.features`` flattened into a list when it is a chain the fast path handles, else ``None``.
 
     Handled: ``nn.Conv2d`` (no groups, no dilation, zero padding given as numbers), the elementwise modules of
-    :data:`ELEMENTWISE` and eval-mode ``nn.BatchNorm2d`` (a per-channel affine map), with at least two
-    convolutions. That the model really computes ``fc(features(x).flatten(1))`` is checked on every call.
+    :data:`ELEMENTWISE` (in place only ReLU and LeakyReLU) and eval-mode ``nn.BatchNorm2d`` (a per-channel affine
+    map), with at least two convolutions. That the model really computes ``fc(features(x).flatten(1))`` is checked on every call.
     """
     feats = getattr(model, "features", None)
     if not isinstance(feats, nn.Sequential):
@@ -229,6 +229,11 @@ def _chain_modules(model: nn.Module) -> list[nn.Module] | None:
             mods.append(m)
         elif isinstance(m, ELEMENTWISE) or (isinstance(m, nn.BatchNorm2d) and not m.training
                                              and m.track_running_stats):
+            # an in-place module overwrites the input its derivative is taken at; ReLU and LeakyReLU (slope >= 0)
+            # keep its sign, which is all their derivative needs
+            if getattr(m, "inplace", False) and not (type(m) is nn.ReLU or (
+                    type(m) is nn.LeakyReLU and m.negative_slope >= 0)):
+                return None
             mods.append(m)
         else:
             return None

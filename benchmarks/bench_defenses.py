@@ -34,7 +34,8 @@ import torch
 DEFENSES = ["none", "prune", "dp-gaussian", "dp-laplace", "soteria", "graddefense", "fedkl", "quantize"]
 MODEL = {"fedkl": "lenet-kl"}
 INHERENT = {
-    "soteria": "needs the input-Jacobian of every FC input feature: d = 588 backward passes per sample (batched)",
+    "soteria": "needs ||dr_i/dx|| for every FC input feature (an exact windowed forward-mode Jacobian, ~40 M "
+               "multiply-adds per image, on top of the training step's ~1 M)",
     "graddefense": "recomputes layer sensitivities (a double backward on a 50-image root set) every "
                    "defense-gd-sensitivity-every rounds, and the server eigen-filters the aggregate",
     "fedkl": "a different model (BatchNorm + two 1024x12 lock layers): compare with none on lenet-kl",
@@ -167,6 +168,12 @@ def main(argv: list[str] | None = None) -> None:
         note = "baseline of fedkl" if d.startswith("none@") else (
             "" if art <= 0.05 else INHERENT.get(d, "ABOVE TARGET"))
         print(f"{d:<16}{t * 1000:>10.1f}{(t - base) * 1000:>10.1f}{t / base:>8.3f}{art * 100:>8.1f}%  {note}")
+    # the headline figures, one JSON line (ratio: round time / none's; art_pct: the seed's ART overhead)
+    base_of = {d: means["none@lenet-kl"] if d == "fedkl" else means["none"] for d in means if not d.startswith("none")}
+    print(json.dumps({"bench": "defenses", "mode": "simulation" if args.simulation else "in-process",
+                      "rounds": args.rounds, "clients": args.clients, "real_round_ms": round(real * 1000, 1),
+                      "ratio": {d: round(means[d] / b, 4) for d, b in base_of.items()},
+                      "art_pct": {d: round((means[d] - b) / real * 100, 2) for d, b in base_of.items()}}))
 
 
 if __name__ == "__main__":

@@ -79,12 +79,81 @@ def test_soteria_batched_norms_equal_the_per_feature_loop(fmnist, model_name, ba
     model = build_model(model_name, fmnist.input_shape, fmnist.num_classes)
     x = to_tensor(fmnist.x_train[10 : 10 + batch], fmnist.mean, fmnist.std)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fast, r1 = soteria.jacobian_norms(model, x, chunk=100)
     slow, r2 = soteria.jacobian_norms_loop(model, x)
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(r1, r2)
-    for k, v in model.state_dict().items():  # BatchNorm running statistics untouched
-        torch.testing.assert_close(v, before[k])
+    for method in ("auto", "batched"):
+        fast, r1 = soteria.jacobian_norms(model, x, chunk=100, method=method)
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(r1, r2)
+        for k, v in model.state_dict().items():  # BatchNorm running statistics untouched
+            torch.testing.assert_close(v, before[k])
+    # the LeNets take the windowed forward-mode path; lenet-kl (train-mode BatchNorm couples samples) cannot
+    assert (soteria.jacobian_norms_windowed(model, x) is None) == (model_name == "lenet-kl")
+
+
+class _Chain(torch.nn.Module):
+    """A conv chain unlike the LeNets: in-place ReLU/LeakyReLU/eval BatchNorm/Sigmoid, odd and non-square input, last conv of
+    stride 2 (the local-matrix path), input channels 3; ``detour`` adds an op between the chain and ``fc``."""
+
+    def __init__(self, detour: bool = False):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.ReLU(inplace=True),
+            torch.nn.Sequential(torch.nn.Conv2d(4, 5, 3, padding=1), torch.nn.LeakyReLU(0.1)),
+            torch.nn.BatchNorm2d(5), torch.nn.Conv2d(5, 6, 3, stride=2), torch.nn.Sigmoid())
+        self.features[3].eval()
+        with torch.no_grad():  # non-trivial running statistics
+            self.features[3].running_mean.uniform_(-0.5, 0.5)
+            self.features[3].running_var.uniform_(0.5, 2.0)
+        self.fc = torch.nn.Linear(6 * 3 * 2, 4)
+        self.detour = detour
+
+    def forward(self, x):
+        h = self.features(x).flatten(1)
+        return self.fc(2 * h if self.detour else h)
+
+
+def test_soteria_windowed_norms_on_other_chains_equal_the_loop():
+    torch.manual_seed(1)
+    model = _Chain()
+    x = torch.randn(2, 3, 13, 11)  # 13 and 11 are not multiples of the total stride 4: partial cells
+    assert soteria.jacobian_norms_windowed(model, x) is None  # 36 features: the batched backward is cheaper
+    out = soteria.jacobian_norms_windowed(model, x, force=True)
+    assert out is not None
+    slow, r = soteria.jacobian_norms_loop(model, x)
+    torch.testing.assert_close(out[0], slow, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out[1], r)
+    # the local matrices are cached while the weights stay equal; a changed weight is picked up
+    with torch.no_grad():
+        model.features[2][0].weight.mul_(1.5)
+    slow2, _ = soteria.jacobian_norms_loop(model, x)
+    assert not torch.allclose(slow2, slow)
+    torch.testing.assert_close(soteria.jacobian_norms(model, x, method="windowed")[0], slow2, rtol=1e-5, atol=1e-7)
+
+
+def test_soteria_windowed_path_refuses_what_it_cannot_check(fmnist):
+    torch.manual_seed(2)
+    x = torch.randn(1, 3, 13, 11)
+    detour = _Chain(detour=True)  # fc's input is not the chain's output: the forward check refuses it
+    assert soteria.jacobian_norms_windowed(detour, x, force=True) is None
+    with pytest.raises(ValueError, match="windowed"):
+        soteria.jacobian_norms(detour, x, method="windowed")
+    torch.testing.assert_close(soteria.jacobian_norms(detour, x)[0], soteria.jacobian_norms_loop(detour, x)[0],
+                               rtol=1e-5, atol=1e-7)
+    inplace = _Chain()
+    inplace.features[5] = torch.nn.Hardtanh(inplace=True)  # overwrites the input its derivative would be taken at
+    assert soteria.jacobian_norms_windowed(inplace, x, force=True) is None
+    pooled = build_model("cnn", fmnist.input_shape, fmnist.num_classes)  # max-pooling: not a chain it handles
+    assert soteria.jacobian_norms_windowed(pooled, torch.randn(1, *fmnist.input_shape), force=True) is None
+
+
+def test_soteria_mask_from_the_fast_path_is_the_loops_mask(fmnist):
+    torch.manual_seed(3)
+    model = build_model("lenet-tanh", fmnist.input_shape, fmnist.num_classes)
+    for i in range(5):
+        x = to_tensor(fmnist.x_train[20 + i : 21 + i], fmnist.mean, fmnist.std)
+        fast = soteria.feature_mask(soteria.scores(*soteria.jacobian_norms(model, x), 0.1), 70.0)
+        slow = soteria.feature_mask(soteria.scores(*soteria.jacobian_norms_loop(model, x), 0.1), 70.0)
+        assert torch.equal(fast, slow)
 
 
 def test_soteria_masks_only_fc_weight_columns(fmnist):

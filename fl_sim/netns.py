@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clients.secrets import SECRET_ENV, node_secret
+from clients.state import STATE_DIR_ENV
 from fl_sim.deployment import DEPLOY, FLOWER_ENV, ROOT, ProcessTracker, _proc_table, write_connection
 
 #: Addresses of the two hosts on the veth pair (a /24 that exists only inside the two namespaces).
@@ -153,7 +155,7 @@ class NetnsFederation:
         self.nodes: list[subprocess.Popen | None] = []
         self.cli_home = self.workdir / "flwr-cli"
         self.address = f"{SERVER_ADDRESS}:{SUPERLINK_PORT}"
-        self.env = {**os.environ, **FLOWER_ENV,
+        self.env = {**{k: v for k, v in os.environ.items() if k not in (SECRET_ENV, STATE_DIR_ENV)}, **FLOWER_ENV,
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     def __enter__(self) -> NetnsFederation:
@@ -215,9 +217,12 @@ class NetnsFederation:
             self.start_node(i)
 
     def node_env(self, i: int) -> dict[str, str]:
-        """The environment of SuperNode ``i`` (its CA certificate, state folder and key)."""
+        """The environment of SuperNode ``i`` (its CA certificate, secret seed, state folder and key), as
+        :class:`fl_sim.deployment.LocalFederation` gives its nodes (``secret-seed = node_secret(0, i)``), so that a
+        restarted node reloads its client state."""
         env = {**self.env, "CERTS": str(self.workdir / "client-certs"),
-               "FLWR_HOME": str(self.workdir / f"home-supernode-{i}")}
+               "FLWR_HOME": str(self.workdir / f"home-supernode-{i}"),
+               "SECRET_SEED": str(node_secret(0, i)), "STATE_DIR": str((self.workdir / "client-state").resolve())}
         if self.node_auth:
             env["NODE_KEY"] = str(self.workdir / "keys" / f"node{i}")
         return env

@@ -9,7 +9,7 @@ images from the dataset the run uses, de-normalises the reconstruction to [0, 1]
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,20 @@ def truth_from_audit(data: Dataset, audit: Mapping[str, Any], limit: int | None 
         idx = idx[:limit]
     images = data.x_train[idx].astype(np.float32).transpose(0, 3, 1, 2) / 255.0
     return images, data.y_train[idx]
+
+
+def union_audit(audits: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:
+    """The audit record of an aggregate: the samples of every record, in order (record after record).
+
+    Args:
+        audits: the audit records of the replies aggregated (``{"sample-indices": [...]}``, indices into the
+            training split; partitions are disjoint, and a sample named twice is kept once by
+            :func:`truth_from_audit`).
+
+    Returns:
+        ``{"sample-indices": [...]}``: the union of the round's batches.
+    """
+    return {SAMPLE_INDICES: [int(i) for a in audits for i in a[SAMPLE_INDICES]]}
 
 
 def score_reconstruction(data: Dataset, result: AttackResult, audit: Mapping[str, Any]) -> dict[str, Any]:

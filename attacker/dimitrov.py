@@ -16,7 +16,7 @@ The client ran ``E`` passes over its ``N`` images in batches of ``B``, reshuffli
    each pass costs nothing: the variables of a pass are free to take its images in whatever order. Which labels
    share a batch is unknown too, and at fl-sim's learning rates it matters (LeNet-tanh, lr 0.15, 8 images, E = 2,
    B = 4: even the true images placed by a random label arrangement leave ``1 − cos = 0.09`` between the simulated
-   and the true update; the best of 24 arrangements 0.009): short pilot runs of :data:`MAX_ARRANGEMENTS` seeded
+   and the true update; the best of 24 arrangements 0.009): short pilot runs of up to :data:`MAX_ARRANGEMENTS` seeded
    arrangements, pruned by successive halving (as ``ig-fedavg`` ranks its label orders), pick the one for the
    full run;
 3. minimises ``1 − cos(Δ̂, Δ)`` (all layers concatenated, as Inverting Gradients) ``+ α·TV(X) + λ·L_inv(X)``,
@@ -74,8 +74,11 @@ DEFAULT_ITERATIONS = 2000
 #: and the copies of an image in the two epochs agreed better with the prior (MSE 0.25 / 0.20 / 0.20 / 1.05, the last
 #: a collapse). With two epochs the prior barely matters; the paper's gains are at E = 10 and lr 0.004.
 DEFAULT_PRIOR = 1.0
-#: Label arrangements ranked by the pilot runs (one when the update is a single step).
+#: Label arrangements ranked by the pilot runs: ``min(MAX_ARRANGEMENTS, iterations // 60)`` (one when the update is
+#: a single step), so that the pilots cost at most about 60% of the full run.
 MAX_ARRANGEMENTS = 16
+#: Under a time limit, the pilot runs stop after this share of it (the best arrangement so far is kept).
+PILOT_SHARE = 0.4
 #: Filters of the prior's fixed random projection (the paper's ``nn.Conv(features=96, kernel_size=(3, 3))``).
 PRIOR_FILTERS = 96
 #: At most this many image variables (``E·N``).
@@ -155,6 +158,21 @@ def pass_labels(labels: list[int], plan_: Plan, seed: int) -> torch.Tensor:
             np.linspace(0, len(sorted_labels) - 1, s).round().astype(int)]
         out.append(rng.permutation(pick))
     return torch.as_tensor(np.concatenate(out))
+
+
+def distinct_arrangements(labels: list[int], plan_: Plan, limit: int, seed: int) -> list[torch.Tensor]:
+    """Up to ``limit`` :func:`pass_labels` arrangements that differ in which labels share a batch (the order within
+    a batch does not change the update). Draws ``4·limit`` seeded arrangements at most.
+    """
+    seen: dict[tuple[tuple[int, ...], ...], torch.Tensor] = {}
+    off = plan_.offsets
+    for a in range(4 * limit):
+        lab = pass_labels(labels, plan_, seed * 1009 + a)
+        key = tuple(tuple(sorted(lab[off[p] + i:off[p] + j].tolist())) for p, i, j in plan_.steps)
+        seen.setdefault(key, lab)
+        if len(seen) >= limit:
+            break
+    return list(seen.values())
 
 
 def invariant_prior(features: torch.Tensor, plan_: Plan) -> torch.Tensor:
@@ -267,10 +285,12 @@ def dimitrov(payload: AttackPayload, budget: Budget, options: AttackOptions | No
     iterations = budget.iterations or DEFAULT_ITERATIONS
     # Which labels were in which batch of a pass is unknown and matters at fl-sim's learning rates; short pilot
     # runs of several seeded arrangements, pruned by successive halving, pick the one for the full run.
-    arrangements = [pass_labels(recovered, pl, int(budget.seed) * 1009 + a).to(device)
-                    for a in range(MAX_ARRANGEMENTS if k > 1 else 1)]
+    breadth = min(MAX_ARRANGEMENTS, max(1, iterations // 60)) if k > 1 else 1
+    arrangements = distinct_arrangements(recovered, pl, breadth, int(budget.seed))
+    arrangements = [a.to(device) for a in arrangements]
     pilot_its, pilots = max(20, iterations // 40), 0
     with mkldnn(MKLDNN):  # im2col convolutions: half the time of oneDNN's on these small batches
+        limit = PILOT_SHARE * budget.time_limit_s if budget.time_limit_s else math.inf
         while len(arrangements) > 1:
             scored = []
             for lab in arrangements:
@@ -278,7 +298,12 @@ def dimitrov(payload: AttackPayload, budget: Budget, options: AttackOptions | No
                                           init_std=init)
                 scored.append((obj, lab))
                 pilots += its
+                if time.perf_counter() - start > limit:  # keep the rest of the time for the full run
+                    break
             scored.sort(key=lambda t: t[0])
+            if time.perf_counter() - start > limit:
+                arrangements = [scored[0][1]]
+                break
             arrangements = [a for _, a in scored[: max(1, len(scored) // 6)]] if len(scored) > 3 else [scored[0][1]]
             pilot_its *= 4
         labels = arrangements[0]

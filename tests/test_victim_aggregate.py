@@ -146,7 +146,7 @@ def test_a_fedsgd_aggregate_is_one_gradient_on_the_union_and_ig_recovers_it(tmp_
 def test_fl_sim_run_attacks_the_aggregate(tmp_path):
     out = tmp_path / "run"
     res = subprocess.run([sys.executable, "-m", "fl_sim.cli", "run", "victim=aggregate", "attack=ig",
-                          "num-supernodes=3", "num-server-rounds=1", "attack-every=1", "attack-iterations=20",
+                          "num-supernodes=3", "num-server-rounds=1", "attack-every=1", "attack-iterations=20", "node-timeout=600",
                           "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     (attack,) = json.loads((out / "summary.json").read_text())["attacks"]

@@ -232,7 +232,8 @@ def dimitrov(payload: AttackPayload, budget: Budget, options: AttackOptions | No
     Returns:
         ``N`` images ``float32 (N, C, H, W)`` in normalised space (the passes' copies averaged) and their labels;
         ``extras``: ``passes``, ``local_steps``, ``variables``, ``prior`` (final ``L_inv``), ``copy_mse`` (mean MSE
-        between a pass-0 image and its matched copies, normalised space; 0 with one pass).
+        between a pass-0 image and its matched copies, normalised space; 0 with one pass), ``pilot_iterations``
+        (spent ranking label arrangements, included in ``iterations``).
 
     Raises:
         ValueError: as :func:`plan`.

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from attacker import dlg, ig, rgap
+from attacker import dimitrov, dlg, grnn, ig, rgap
 from attacker import options as attack_options
 from attacker.options import AttackOptions
 from attacker.payload import (SERVER_CONFIG, AttackError, AttackPayload, AttackResult, Budget, BudgetExhausted,
@@ -84,6 +84,13 @@ ATTACKS.register("ig-fedavg", Attack(ig.ig_fedavg, SERVER_CONFIG, "Inverting Gra
                                                                   "unrolls the K local SGD steps the server set",
                                      ig.check_fedavg, example={"mode": "fedavg", "local-steps": 2},
                                      images=ig.unrolled_images))
+ATTACKS.register("grnn", Attack(grnn.grnn, SERVER_CONFIG, "GRNN (Ren et al. 2022): a generator from noise emits "
+                                                          "images and soft labels whose gradient matches",
+                                example={"model": "lenet"}))
+ATTACKS.register("dimitrov", Attack(dimitrov.dimitrov, SERVER_CONFIG, "Dimitrov et al. 2022 (TMLR): a whole "
+                                    "multi-epoch FedAvg update, per-epoch images tied by an order-invariant prior",
+                                    example={"mode": "fedavg", "local-epochs": 2, "batch-size": 2},
+                                    images=dimitrov.update_images))
 
 #: The key that chooses the attack, and the keys of its :class:`Budget`.
 ATTACK_KEY = {"attack": Key("idlg", "gradient-inversion attack the server runs", choices=lambda: list(ATTACKS))}

@@ -21,6 +21,9 @@ from fl_sim.task.config import TaskConfig
 from fl_sim.task.keys import ConfigError, Key, build, read
 from strategies.steps import SERVER_STEPS, ServerStep
 
+#: The ``victim`` value that attacks the round's aggregate instead of one client's update.
+AGGREGATE = "aggregate"
+
 #: The server side's own keys.
 SERVER_KEYS: dict[str, Key] = {
     "num-server-rounds": Key(300, "number of FL rounds", low=1),
@@ -37,7 +40,9 @@ SERVER_KEYS: dict[str, Key] = {
     "lr-schedule": Key("cosine", "learning rate over rounds, sent by the server each round",
                        choices=("constant", "cosine")),
     "attack-every": Key(25, "attack the victim's update every N rounds, from round 1 (0 = never)", low=0),
-    "victim": Key("0", "partition id of the attacked client, or 'random'", also_int=True),
+    "victim": Key("0", "partition id of the attacked client, 'random', or 'aggregate' (the round's FedAvg aggregate: "
+                       "all a server sees under secure aggregation, scored against the union of the round's batches)",
+                  also_int=True),
 }
 
 
@@ -131,8 +136,8 @@ def check(server: ServerConfig, task: TaskConfig) -> None:
     """Checks of the server keys against the federation's size.
 
     Raises:
-        ConfigError: ``min-replies`` above the clients sampled per round, or a victim id outside
-            ``[0, num-supernodes)``.
+        ConfigError: ``min-replies`` above the clients sampled per round, or a victim that is neither ``random``,
+            ``aggregate`` nor a partition id in ``[0, num-supernodes)``.
     """
     n = task.num_supernodes
     sampled = sampled_per_round(server, task)
@@ -141,6 +146,6 @@ def check(server: ServerConfig, task: TaskConfig) -> None:
             f"min-replies={server.min_replies} is not allowed; only {sampled} clients are sampled per round "
             f"(num-supernodes={n}, fraction-train={server.fraction_train}), so min-replies must be <= {sampled}")
     victim = server.victim
-    if victim != "random" and not (victim.isdigit() and int(victim) < n):
-        raise ConfigError(f"victim={victim!r} is not allowed; victim must be 'random' or a partition id in "
-                          f"0..{n - 1} (num-supernodes={n})")
+    if victim not in ("random", AGGREGATE) and not (victim.isdigit() and int(victim) < n):
+        raise ConfigError(f"victim={victim!r} is not allowed; victim must be 'random', '{AGGREGATE}' or a partition "
+                          f"id in 0..{n - 1} (num-supernodes={n})")

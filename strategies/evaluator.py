@@ -11,7 +11,7 @@ then :func:`strategies.metrics.chance_scores` with the training split's mean ima
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,20 @@ def truth_from_audit(data: Dataset, audit: Mapping[str, Any]) -> tuple[np.ndarra
     idx = list(dict.fromkeys(int(i) for i in audit[SAMPLE_INDICES]))
     images = data.x_train[idx].astype(np.float32).transpose(0, 3, 1, 2) / 255.0
     return images, data.y_train[idx]
+
+
+def union_audit(audits: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:
+    """The audit record of an aggregate: the samples of every record, in order (record after record).
+
+    Args:
+        audits: the audit records of the replies aggregated (``{"sample-indices": [...]}``, indices into the
+            training split; partitions are disjoint, and a sample named twice is kept once by
+            :func:`truth_from_audit`).
+
+    Returns:
+        ``{"sample-indices": [...]}``: the union of the round's batches.
+    """
+    return {SAMPLE_INDICES: [int(i) for a in audits for i in a[SAMPLE_INDICES]]}
 
 
 def chance_reference(data: Dataset) -> np.ndarray:

@@ -19,27 +19,33 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from logging import INFO, WARNING
 from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from attacker import AttackPayload
 from attacker.payload import AttackError, images_in_update, split_update
-from fl_sim.task.contract import (ARRAYS, CONFIG, NUM_EXAMPLES, STANDARD_METRICS, TRAIN_LOSS, TRAIN_TIME,
-                                  DEFENSE_TIME, SAMPLE_INDICES, TrainConfig, reply_audit, reply_metrics,
-                                  reply_partition)
+from fl_sim.task.contract import (ARRAYS, AUDIT, CONFIG, META, METRICS, NUM_EXAMPLES, PARTITION_ID,
+                                  STANDARD_METRICS, TRAIN_LOSS, TRAIN_TIME, DEFENSE_TIME, SAMPLE_INDICES,
+                                  TrainConfig, reply_audit, reply_metrics, reply_partition)
 from fl_sim.task.config import resolve_device
 from fl_sim.task.datasets import Dataset, on_device
 from fl_sim.task.models import build_model, evaluate
-from strategies.config import ServerSpec
-from strategies.evaluator import chance_reference, score_reconstruction
+from strategies.config import AGGREGATE, ServerSpec
+from strategies.evaluator import chance_reference, score_reconstruction, union_audit
 from strategies.faults import check_reply, discover_partitions, sample_partitions
 from strategies.rounds import SentRound, cast_like, sent_round
+
+
+#: The aggregate's META entry holding the union's batch size (see :meth:`CuriousFedAvg.aggregate_reply`).
+AGGREGATE_BATCH = "aggregate-batch-size"
 
 
 class Recorder(Protocol):
@@ -261,11 +267,44 @@ class CuriousFedAvg(FedAvg):
 
     # -- the attacker ------------------------------------------------------------------------------------------
     def pick_victim(self, replies: list[Message]) -> Message | None:
-        """The reply of the ``victim`` partition (None if it was not sampled), or a random reply."""
+        """The reply of the ``victim`` partition (None if it was not sampled), a random reply, or for
+        ``victim=aggregate`` the round's aggregate as one reply (:meth:`aggregate_reply`)."""
         victim = self.spec.server.victim
         if victim == "random":
             return self.rng.choice(replies)
+        if victim == AGGREGATE:
+            return self.aggregate_reply(replies)
         return next((m for m in replies if reply_partition(m) == victim), None)
+
+    def aggregate_reply(self, replies: list[Message]) -> Message:
+        """The round's FedAvg aggregate as the reply of one virtual client: all a server sees under secure
+        aggregation (Bonawitz et al., CCS'17).
+
+        Its arrays are the example-weighted mean of the replies' arrays — exactly what FedAvg computes in
+        :meth:`aggregate_train` — so its update is ``Σ_i (n_i / N) Δ_i``; its ``num-examples`` is ``N = Σ_i n_i``;
+        its partition id is ``"aggregate"``. Its train config (:meth:`payload`) is the round's, with the batch size
+        of the union of the clients' batches at each local step, ``Σ_i min(B, n_i)``: a FedSGD aggregate is exactly
+        one gradient step on that union, and a multi-step aggregate is one to first order in the learning rate (each
+        client's trajectory differs from the union's only at second order). Its audit record, which only the
+        evaluator reads, names the union of the replies' samples (:func:`strategies.evaluator.union_audit`);
+        there is none unless every reply has one.
+        """
+        arrays = cast_like(aggregate_arrayrecords([m.content for m in replies], self.weighted_by_key),
+                           self._sent.state)
+        sizes = [int(reply_metrics(m)[NUM_EXAMPLES]) for m in replies]
+        batch = sum(min(int(self._sent.train_config.batch_size), n) for n in sizes)
+        content = RecordDict({
+            ARRAYS: arrays,
+            METRICS: MetricRecord({NUM_EXAMPLES: sum(sizes)}),
+            META: ConfigRecord({PARTITION_ID: AGGREGATE, "clients": len(replies), AGGREGATE_BATCH: batch}),
+        })
+        audits = [reply_audit(m) for m in replies]
+        if all(a is not None for a in audits):
+            content[AUDIT] = ConfigRecord(union_audit(audits))
+        first = replies[0].metadata
+        md = Metadata(run_id=first.run_id, message_id="", src_node_id=0, dst_node_id=0, reply_to_message_id="",
+                      group_id=first.group_id, created_at=time.time(), ttl=first.ttl, message_type=first.message_type)
+        return Message(content=content, metadata=md)
 
     def payload(self, msg: Message) -> AttackPayload:
         """Everything a curious server holds about this reply (no audit record, nothing client-private), before it
@@ -282,10 +321,17 @@ class CuriousFedAvg(FedAvg):
             global_state={k: v.clone() for k, v in sent.items()},
             update=update,
             num_examples=int(reply_metrics(msg)[NUM_EXAMPLES]),
-            train_config=self._sent.train_config,
+            train_config=self._train_config_of(msg),
             buffers=buffers,
             defense=self.spec.defense,
         )
+
+    def _train_config_of(self, msg: Message) -> TrainConfig:
+        """The train config behind ``msg``: the round's, with the union's batch size for the aggregate."""
+        meta = msg.content[META] if META in msg.content else None
+        if reply_partition(msg) == AGGREGATE and meta is not None and AGGREGATE_BATCH in meta:
+            return replace(self._sent.train_config, batch_size=int(meta[AGGREGATE_BATCH]))
+        return self._sent.train_config
 
     def attack_payload(self, msg: Message) -> AttackPayload:
         """The payload the configured attack receives: :meth:`payload` cut to its threat model."""
@@ -316,8 +362,9 @@ class CuriousFedAvg(FedAvg):
         client = reply_partition(msg)
         payload = self.attack_payload(msg)
         num_examples = int(reply_metrics(msg)[NUM_EXAMPLES])
-        holds = images_in_update(self._sent.train_config, num_examples)
-        wants = plan.attack.images(self.spec.task, num_examples)
+        train_config = self._train_config_of(msg)  # the aggregate's batch is the union of the clients' batches
+        holds = images_in_update(train_config, num_examples)
+        wants = plan.attack.images(replace(self.spec.task, batch_size=train_config.batch_size), num_examples)
         if wants != holds:
             raise ValueError(f"attack={plan.name!r} reconstructs {wants} image(s) but the update of client {client} "
                              f"holds {holds} (mode={self._sent.train_config.mode!r}); an attack must reconstruct as "

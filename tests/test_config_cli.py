@@ -48,7 +48,7 @@ BAD = [
     (["model=resnet1000"], "model='resnet1000' is not allowed; model must be one of "),
     (["defense=magic"], "defense='magic' is not allowed; defense must be one of "),
     (["attack=telepathy"], "attack='telepathy' is not allowed; attack must be one of "),
-    (["victim=10"], "victim='10' is not allowed; victim must be 'random' or a partition id in 0..9"),
+    (["victim=10"], "victim='10' is not allowed; victim must be 'random', 'aggregate' or a partition id in 0..9"),
     (["batch-size=5000"], "batch-size=5000 is not allowed; the smallest partition holds 1000 samples"),
     (["colour=blue"], "unknown key 'colour'"),
     (["lr"], "'lr' is not KEY=VALUE"),

@@ -117,7 +117,8 @@ def train(msg: Message, context: Context) -> Message:
     state.restore(context, state_dir, rnd - 1)  # a resumed client continues from its last round before this one
     secret = secrets.node_secret_for(context, pid)
     data = load_dataset(task.dataset, task.data_dir)
-    part = partitions(data.name, task.data_dir, nparts, task.partition, task.dirichlet_alpha, task.seed)[pid]
+    part = partitions(data.name, task.data_dir, nparts, task.partition, task.dirichlet_alpha, task.seed,
+                      task.partition_size)[pid]
     update = client_update(spec, msg.content[contract.ARRAYS].to_torch_state_dict(), data, part, train_config,
                            context.state, secrets.once_seed(secret, task.seed),
                            secrets.round_seed(secret, task.seed, rnd), device)

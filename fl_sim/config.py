@@ -237,7 +237,7 @@ def check_feasible(cfg: Mapping[str, Any], machine: bool = True) -> None:
         raise ConfigError(f"dataset={task.dataset!r}: {exc}") from exc
     try:
         parts = partitions(ds.name, task.data_dir, task.num_supernodes, task.partition, task.dirichlet_alpha,
-                           task.seed)
+                           task.seed, task.partition_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     smallest = min(len(p) for p in parts)

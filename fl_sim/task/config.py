@@ -33,6 +33,7 @@ TASK_KEYS: dict[str, Key] = {
     "partition": Key("iid", "how the training split is divided among clients", choices=lambda: list(PARTITIONERS)),
     "dirichlet-alpha": Key(0.5, "concentration of the Dirichlet label skew (partition=dirichlet)", low=0,
                            low_open=True),
+    "partition-size": Key(0, "samples each client keeps of its partition (a random subset; 0 = all of it)", low=0),
     "model": Key("lenet-tanh", "model architecture", choices=lambda: list(MODELS)),
     "mode": Key("fedsgd", "local training: fedsgd = one gradient on one batch, fedavg = several SGD steps",
                 choices=MODES),
@@ -62,6 +63,7 @@ class TaskConfig:
     data_dir: str
     partition: str
     dirichlet_alpha: float
+    partition_size: int
     model: str
     mode: str
     batch_size: int

@@ -64,16 +64,36 @@ PARTITIONERS.register("dirichlet", dirichlet_partition)
 
 @functools.lru_cache(maxsize=8)
 def partitions(
-    dataset: str, data_dir: str, num_partitions: int, scheme: str, alpha: float, seed: int, min_size: int = 1
+    dataset: str, data_dir: str, num_partitions: int, scheme: str, alpha: float, seed: int, size: int = 0,
+    min_size: int = 1
 ) -> tuple[np.ndarray, ...]:
-    """All partitions of ``dataset``'s training split as index arrays (cached per process).
+    """All partitions of ``dataset``'s training split as sorted index arrays (cached per process).
+
+    Args:
+        dataset, data_dir: the dataset.
+        num_partitions: the number of clients.
+        scheme: a :data:`PARTITIONERS` name; ``alpha`` its Dirichlet concentration.
+        seed: the run's public seed.
+        size: keep at most this many samples per partition (``partition-size``; 0 = all): a uniform random subset
+            of the partition, drawn from ``(seed, partition id)``, so a client can hold e.g. 32 images while the
+            federation keeps its number of clients.
+        min_size: the fewest samples a partition may hold (Dirichlet redraws until it holds).
 
     Raises:
         RegistryError: unknown dataset or scheme.
         ValueError: the scheme cannot satisfy ``min_size``.
     """
     ds = load_dataset(dataset, data_dir)
-    return tuple(PARTITIONERS[scheme](ds.y_train, num_partitions, alpha, seed, min_size))
+    parts = PARTITIONERS[scheme](ds.y_train, num_partitions, alpha, seed, min_size)
+    if size > 0:
+        parts = [p if len(p) <= size else
+                 np.sort(np.random.default_rng([seed % 2**63, pid, _SUBSET_STREAM]).choice(p, size, replace=False))
+                 for pid, p in enumerate(parts)]
+    return tuple(parts)
+
+
+#: Stream id mixed into the ``partition-size`` subset draw.
+_SUBSET_STREAM = 0x5153
 
 
 def eval_share(num_test: int, num_partitions: int, partition_id: int, seed: int) -> np.ndarray:

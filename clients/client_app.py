@@ -5,11 +5,15 @@ server and clients) gives the dataset, model and defense. A train message is ans
 (:func:`clients.pipeline.client_update`) with the reply the message contract describes
 (:func:`fl_sim.task.contract.train_reply`): the defended model, the metrics, the partition id and, when
 ``audit=true``, the audit-only record of the samples used. A ``query.whoami`` message is answered with the node's
-partition id and partition count (the server samples clients by partition id).
+partition id and partition count (the server samples clients by partition id). A ``query.probe`` message (the
+``attack-target=probe`` audit) is answered by the same pipeline on one named image (:func:`probe`), on a copy of the
+client's state.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 
 import numpy as np
@@ -59,6 +63,61 @@ def drops_out(rate: float, seed: int, server_round: int, partition_id: int) -> b
     if rate <= 0:
         return False
     return bool(np.random.default_rng([seed % 2**63, server_round, partition_id, 0xD809]).random() < rate)
+
+
+def probe_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """The secret seed of a probe's defense randomness: another stream than the round's training seed
+    (:func:`client_seed`), so the probe never repeats the noise or slice draws of the update the client sent."""
+    return int(np.random.SeedSequence([seed, server_round, partition_id, 0x9B0BE]).generate_state(1)[0])
+
+
+def probe_update(spec: ClientSpec, msg_content: RecordDict, state: RecordDict, pid: int, nparts: int,
+                 device: torch.device):
+    """The client's defended one-image FedSGD step of a ``query.probe`` request (:func:`probe`), and the state
+    copy it ran on.
+
+    The one client pipeline (:func:`clients.pipeline.client_update`) runs with the probe's train config (FedSGD,
+    B = 1, the round's lr), the client's defense, parameters and secrets, on a deep copy of ``state`` (the
+    client's ``Context.state``, which the probe never changes: DP release counters, GradDefense's sensitivities
+    and FedKL's lock layers stay as the last training round left them), with the batch fixed to the named image:
+    the defense's batch hook, if any (DP-SGD's Poisson sampling), is replaced by that one-image batch, while its
+    plan (σ, the divisor B) stays the client's. Everything else the defense does (step noise, pruning, masks,
+    ``on_model``/``on_reply`` hooks) runs as in training, with the probe's own secret seed (:func:`probe_seed`).
+
+    Returns:
+        ``(ClientUpdate, state copy)``.
+
+    Raises:
+        ValueError: a malformed request, or an index that is not in this client's partition.
+    """
+    task = spec.task
+    train_config, index = contract.read_probe_request(msg_content)
+    data = load_dataset(task.dataset, task.data_dir)
+    part = partitions(data.name, task.data_dir, nparts, task.partition, task.dirichlet_alpha, task.seed)[pid]
+    if index not in set(int(i) for i in part):
+        raise ValueError(f"probe of sample {index}: not in partition {pid} (a client probes its own images only)")
+    one = np.asarray([index], dtype=np.int64)
+    defense = dataclasses.replace(spec.defense, batches=lambda partition, tc, rng, params, st: [one])
+    probe_spec = dataclasses.replace(spec, defense=defense)
+    scratch = copy.deepcopy(state)
+    update = client_update(probe_spec, msg_content[contract.ARRAYS].to_torch_state_dict(), data, part, train_config,
+                           scratch, client_seed(task.seed, 0, pid),
+                           probe_seed(task.seed, train_config.server_round, pid), device)
+    return update, scratch
+
+
+@app.query("probe")
+def probe(msg: Message, context: Context) -> Message:
+    """Answer the server's ``query.probe`` (``attack-target=probe``): the defended gradient step of one of this
+    client's images at the global model the message carries, as a train reply with its audit record.
+
+    An audit of the worst case a client sending one image's gradient would face (the GradDefense talk's protocol);
+    the reply never feeds training and the client's ``Context.state`` is left unchanged (:func:`probe_update`).
+    """
+    spec, pid, nparts, device = _setup(context)
+    update, _ = probe_update(spec, msg.content, context.state, pid, nparts, device)
+    content = contract.train_reply(update.state, update.metrics, pid, update.sample_indices)
+    return Message(content=content, reply_to=msg)
 
 
 @app.query("whoami")

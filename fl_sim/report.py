@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from fl_sim.results import read_metrics
+from fl_sim.results import attack_means_by_target, attack_target, read_metrics
 
 
 def _fmt(x: Any, spec: str = ".2f") -> str:
@@ -32,9 +32,14 @@ def accuracy_figure(records: list[dict[str, Any]], path: Path, title: str = "") 
     attacks = [a for r in records for a in r.get("attacks", []) if a.get("psnr") is not None]
     if attacks:
         ax2 = ax.twinx()
-        ax2.scatter([a["round"] for a in attacks], [a["psnr"] for a in attacks], color="tab:red", s=14,
-                    label="attack PSNR")
+        for target, colour, marker in (("update", "tab:red", "o"), ("probe", "tab:orange", "^")):
+            mine = [a for a in attacks if attack_target(a) == target]
+            if mine:
+                ax2.scatter([a["round"] for a in mine], [a["psnr"] for a in mine], color=colour, s=14, marker=marker,
+                            label=f"attack PSNR ({target})")
         ax2.set_ylabel("attack PSNR (dB)", color="tab:red")
+        if any(attack_target(a) != "update" for a in attacks):
+            ax2.legend(fontsize=7, loc="lower right")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -65,7 +70,7 @@ def write_run_report(run_dir: str | Path) -> Path:
         "|---|---|",
     ]
     for k in ("dataset", "data-dir", "model", "mode", "batch-size", "lr", "lr-schedule", "num-supernodes",
-              "num-server-rounds", "defense", "attack", "attack-every", "victim", "seed"):
+              "num-server-rounds", "defense", "attack", "attack-every", "victim", "attack-target", "seed"):
         if k in cfg:
             lines.append(f"| {k} | `{cfg[k]}` |")
     lines += [
@@ -90,13 +95,25 @@ def write_run_report(run_dir: str | Path) -> Path:
             f"{_fmt(means.get('ssim'), '.3f')}, MSE {_fmt(means.get('mse'), '.2e')}, label accuracy "
             f"{_fmt(means.get('label_accuracy'), '.2f')}, {_fmt(means.get('time_s'), '.1f')} s per attack.",
             "",
-            "| round | client | attack | PSNR (dB) | SSIM | MSE | label acc. | time (s) | iterations | image |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        by_target = attack_means_by_target(attacks)
+        if set(by_target) - {"update"}:
+            lines += ["Per target (`update`: the intercepted update; `probe`: the victim's defended gradient of one "
+                      "of its images, B = 1 — an audit of the worst case a client sending one image would face, "
+                      "never used for training):", ""]
+            lines += [f"* `{t}`: {sum(attack_target(a) == t for a in attacks)} attacks, PSNR **{_fmt(m['psnr'])} "
+                      f"dB**, SSIM {_fmt(m['ssim'], '.3f')}, label accuracy {_fmt(m['label_accuracy'], '.2f')}"
+                      for t, m in by_target.items()]
+            lines.append("")
+        lines += [
+            "| round | client | attack | target | PSNR (dB) | SSIM | MSE | label acc. | time (s) | iterations | image |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for a in attacks:
-            img = f"[png]({a['image']})" if a.get("image") else ""
+            img = f"[png]({a['image']})" if a.get("image") else (a.get("error") or "").replace("|", "/")
             lines.append(
-                f"| {a.get('round')} | {a.get('client')} | {a.get('attack')} | {_fmt(a.get('psnr'))} | "
+                f"| {a.get('round')} | {a.get('client')} | {a.get('attack')} | {attack_target(a)} | "
+                f"{_fmt(a.get('psnr'))} | "
                 f"{_fmt(a.get('ssim'), '.3f')} | {_fmt(a.get('mse'), '.2e')} | {_fmt(a.get('label_accuracy'))} | "
                 f"{_fmt(a.get('time_s'), '.1f')} | {a.get('iterations', '')} | {img} |"
             )

@@ -6,6 +6,7 @@ Layout::
       config.toml        the resolved run config (every key)
       metrics.jsonl      one JSON object per round (appended and flushed as each round ends)
       attacks/round_NNNN.png   truth (top row) above reconstruction (bottom row), per attacked round
+                         (``round_NNNN-probe.png`` for the probe target's attack)
       accuracy.png       test accuracy (and attack PSNR) against round
       report.md          a human-readable summary linking the figures
       summary.json       final_accuracy (0–1), rounds, wall_time_s, attacks [...], and more
@@ -16,8 +17,9 @@ evaluated that round), ``round_time_s`` (client phase + aggregation, attacks and
 ``clients`` (per client: ``partition_id``, ``num_examples``, ``train_loss``, ``train_time_s``, ``defense_time_s``),
 ``failures`` (replies dropped, per client: ``node``, ``partition_id``, ``reason`` — error replies, malformed
 updates, no reply within ``round-timeout``, dropouts), ``skipped`` (only when fewer than ``min-replies`` replies were
-usable: why the global model was kept) and ``attacks`` (per attack: ``round``, ``client``, ``attack``,
-``psnr``, ``ssim``, ``mse``, ``label_accuracy``, ``time_s``, ``iterations``, ``image``).
+usable: why the global model was kept) and ``attacks`` (per attack: ``round``, ``client``, ``attack``, ``target`` — ``update``, the intercepted update, or
+``probe``, the one-image audit of ``attack-target`` —, ``psnr``, ``ssim``, ``mse``, ``label_accuracy``, ``time_s``,
+``iterations``, ``image``).
 """
 
 from __future__ import annotations
@@ -103,13 +105,15 @@ class RunRecorder:
         os.fsync(self._metrics.fileno())
 
     def save_attack_figure(self, server_round: int, truth: np.ndarray, reconstruction: np.ndarray,
-                           title: str, labels: list[int] | None = None, true_labels: list[int] | None = None) -> str:
-        """Save truth (top) above reconstruction (bottom) as ``attacks/round_NNNN.png``; return the relative path.
+                           title: str, labels: list[int] | None = None, true_labels: list[int] | None = None,
+                           suffix: str = "") -> str:
+        """Save truth (top) above reconstruction (bottom) as ``attacks/round_NNNN{suffix}.png``; return the relative
+        path (``suffix="-probe"`` for the ``probe`` target's attack).
 
         Args:
             truth, reconstruction: ``float (B, C, H, W)`` in [0, 1], already matched pairwise.
         """
-        rel = f"attacks/round_{server_round:04d}.png"
+        rel = f"attacks/round_{server_round:04d}{suffix}.png"
         save_pair_figure(self.run_dir / rel, truth, reconstruction, title, labels, true_labels)
         return rel
 
@@ -182,8 +186,9 @@ def summarize(records: list[dict[str, Any]], cfg: Mapping[str, Any], wall_time_s
     Fields: ``status`` (``completed``/``interrupted``/``failed``), ``rounds`` (rounds recorded), ``final_accuracy``
     and ``final_loss`` (last evaluated round), ``best_accuracy``, ``wall_time_s``, ``mean_round_time_s`` (ART's
     numerator), ``mean_train_time_s``, ``mean_defense_time_s``, ``attacks`` (every attack record),
-    ``attack_means`` (mean psnr/ssim/mse/label_accuracy/time_s over attacks), the key settings and, for a DP
-    defense, ``privacy`` (:func:`privacy_block`).
+    ``attack_means`` (mean psnr/ssim/mse/label_accuracy/time_s over attacks), the key settings, for a DP
+    defense ``privacy`` (:func:`privacy_block`) and, when some attack has another target than ``update``,
+    ``attack_means_by_target`` (:func:`attack_means_by_target`).
     """
     evaluated = [r for r in records if r.get("accuracy") is not None]
     attacks = [a for r in records for a in r.get("attacks", [])]
@@ -212,7 +217,28 @@ def summarize(records: list[dict[str, Any]], cfg: Mapping[str, Any], wall_time_s
     privacy = privacy_block(records, cfg)
     if privacy is not None:
         summary["privacy"] = privacy
+    by_target = attack_means_by_target(attacks)
+    if set(by_target) - {"update"}:
+        summary["attack_means_by_target"] = by_target
     return finite(summary)
+
+
+def attack_target(attack: Mapping[str, Any]) -> str:
+    """An attack record's ``target`` (records written before targets existed attacked the update)."""
+    return str(attack.get("target") or "update")
+
+
+def attack_means_by_target(attacks: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per target (``update``, ``probe``, in that order), the mean psnr/ssim/mse/label_accuracy/time_s over its
+    attacks (errors and unscored attacks left out of each mean) — ``summary.json``'s ``attack_means_by_target``."""
+    out: dict[str, dict[str, float | None]] = {}
+    for target in sorted({attack_target(a) for a in attacks}, key=lambda t: (t != "update", t)):
+        mine = [a for a in attacks if attack_target(a) == target]
+        out[target] = {}
+        for k in ("psnr", "ssim", "mse", "label_accuracy", "time_s"):
+            xs = [a[k] for a in mine if isinstance(a.get(k), (int, float))]
+            out[target][k] = float(np.mean(xs)) if xs else None
+    return out
 
 
 def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> None:

@@ -18,6 +18,9 @@ from fl_sim.task.config import TaskConfig
 from fl_sim.task.keys import ConfigError, Key, build, read
 from strategies.steps import SERVER_STEPS, ServerStep
 
+#: The values of ``attack-target``: what an attack round attacks (``both`` = ``update`` then ``probe``).
+TARGETS = ("update", "probe", "both")
+
 #: The server side's own keys.
 SERVER_KEYS: dict[str, Key] = {
     "num-server-rounds": Key(300, "number of FL rounds", low=1),
@@ -35,6 +38,11 @@ SERVER_KEYS: dict[str, Key] = {
                        choices=("constant", "cosine")),
     "attack-every": Key(25, "attack the victim's update every N rounds, from round 1 (0 = never)", low=0),
     "victim": Key("0", "partition id of the attacked client, or 'random'", also_int=True),
+    "attack-target": Key("update", "what an attack round attacks: update = the victim's intercepted update; probe = "
+                                   "an audit of the worst case: the victim's defended FedSGD gradient of one of its "
+                                   "training images (B = 1) at the global model, asked for with a query.probe "
+                                   "message and never used for training; both = the two, recorded side by side",
+                         choices=TARGETS),
 }
 
 
@@ -52,6 +60,12 @@ class ServerConfig:
     lr_schedule: str
     attack_every: int
     victim: str
+    attack_target: str = "update"
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The targets an attack round attacks, in order: ``("update",)``, ``("probe",)`` or both."""
+        return ("update", "probe") if self.attack_target == "both" else (self.attack_target,)
 
     def lr_at(self, lr: float, server_round: int) -> float:
         """The client learning rate the server sends in ``server_round`` (1-based).
@@ -121,11 +135,12 @@ def sampled_per_round(server: ServerConfig, task: TaskConfig) -> int:
 
 
 def check(server: ServerConfig, task: TaskConfig) -> None:
-    """Checks of the server keys against the federation's size.
+    """Checks of the server keys against the federation's size and the task.
 
     Raises:
-        ConfigError: ``min-replies`` above the clients sampled per round, or a victim id outside
-            ``[0, num-supernodes)``.
+        ConfigError: ``min-replies`` above the clients sampled per round, a victim id outside
+            ``[0, num-supernodes)``, or ``attack-target`` probe/both with ``audit=false`` (the probe's image is taken
+            from the victim's audit record).
     """
     n = task.num_supernodes
     sampled = sampled_per_round(server, task)
@@ -137,3 +152,6 @@ def check(server: ServerConfig, task: TaskConfig) -> None:
     if victim != "random" and not (victim.isdigit() and int(victim) < n):
         raise ConfigError(f"victim={victim!r} is not allowed; victim must be 'random' or a partition id in "
                           f"0..{n - 1} (num-supernodes={n})")
+    if "probe" in server.targets and not task.audit:
+        raise ConfigError(f"attack-target={server.attack_target!r} is not allowed with audit=false: the probe's image "
+                          "is one the victim names in its audit record; set audit=true or attack-target='update'")

@@ -8,7 +8,10 @@ and the one-shot audit alike (:meth:`CuriousFedAvg.aggregate_train`):
 2. **attack** — every ``attack-every`` rounds the victim's update goes to the attacker as an
    :class:`~attacker.payload.AttackPayload` cut to the attack's declared threat model
    (:meth:`~attacker.payload.AttackPayload.cut`), and the reconstruction is scored by the evaluator
-   (:mod:`strategies.evaluator`), which alone reads the reply's audit record;
+   (:mod:`strategies.evaluator`), which alone reads the reply's audit record; with ``attack-target=probe`` (or
+   ``both``) the server also asks the victim for the defended one-image gradient of one of its images
+   (:meth:`CuriousFedAvg.run_probe`, a ``query.probe`` message) and attacks that — an audit of the worst case, never
+   aggregated;
 3. **aggregate** — FedAvg, then the defense's server step (:mod:`strategies.steps`) on the aggregate.
 """
 
@@ -31,13 +34,13 @@ from flwr.serverapp.strategy import FedAvg
 
 from attacker import AttackPayload
 from attacker.payload import split_update
-from fl_sim.task.contract import (ARRAYS, CONFIG, NUM_EXAMPLES, STANDARD_METRICS, TRAIN_LOSS, TRAIN_TIME,
-                                  DEFENSE_TIME, SAMPLE_INDICES, TrainConfig, reply_audit, reply_metrics,
-                                  reply_partition)
+from fl_sim.task.contract import (ARRAYS, CONFIG, NUM_EXAMPLES, PROBE, STANDARD_METRICS, TRAIN_LOSS, TRAIN_TIME,
+                                  DEFENSE_TIME, SAMPLE_INDICES, TrainConfig, probe_request, probe_train_config,
+                                  reply_audit, reply_metrics, reply_partition)
 from fl_sim.task.datasets import Dataset
 from fl_sim.task.models import build_model, evaluate
 from strategies.config import ServerSpec
-from strategies.evaluator import score_reconstruction
+from strategies.evaluator import probe_index, score_reconstruction
 from strategies.faults import check_reply, discover_partitions, sample_partitions
 from strategies.rounds import SentRound, cast_like, sent_round
 
@@ -91,6 +94,7 @@ class CuriousFedAvg(FedAvg):
         self.eval_model = build_model(spec.task.model, data.input_shape, data.num_classes)
         self.parameter_names = [n for n, _ in self.eval_model.named_parameters()]
         self._sent: SentRound | None = None
+        self._grid: Grid | None = None  # the Grid of the current round (the probe is a message); None in the audit
         self.partition_of: dict[int, int] = {}  # Flower node id -> partition id (learnt by query.whoami)
         self.excluded: set[int] = set()  # nodes that did not answer query.whoami or were replaced (never sampled)
         self._record: dict[str, Any] = {}
@@ -123,6 +127,7 @@ class CuriousFedAvg(FedAvg):
         if self.stop():
             raise KeyboardInterrupt("stop requested")
         record = self.new_record(server_round)
+        self._grid = grid
         task, server = self.spec.task, self.spec.server
         connected = sorted(grid.get_node_ids())
         online = set(connected)
@@ -203,8 +208,11 @@ class CuriousFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate the replies, attack the victim's update if this is an attack round, then aggregate (FedAvg and
-        the defense's server step)."""
+        """Validate the replies, attack the victim if this is an attack round (its update, the probe or both:
+        ``attack-target``), then aggregate (FedAvg and the defense's server step).
+
+        The attacks' time, the probe's round trip included, is recorded as ``attack_time_s`` and left out of
+        ``round_time_s``."""
         ok = self.usable_replies(server_round, list(replies))
         for msg in ok:
             m = reply_metrics(msg)
@@ -221,7 +229,9 @@ class CuriousFedAvg(FedAvg):
             victim = self.pick_victim(ok)
             if victim is not None:
                 t = time.perf_counter()
-                self._record["attacks"].append(self.run_attack(server_round, victim))
+                for target in self.spec.server.targets:
+                    run = self.run_attack if target == "update" else self.run_probe
+                    self._record["attacks"].append(run(server_round, victim))
                 attack_s = time.perf_counter() - t
         arrays, metrics = super().aggregate_train(server_round, ok)
         if arrays is not None:
@@ -240,9 +250,10 @@ class CuriousFedAvg(FedAvg):
             return self.rng.choice(replies)
         return next((m for m in replies if reply_partition(m) == victim), None)
 
-    def payload(self, msg: Message) -> AttackPayload:
+    def payload(self, msg: Message, train_config: TrainConfig | None = None) -> AttackPayload:
         """Everything a curious server holds about this reply (no audit record, nothing client-private), before it
-        is cut to an attack's threat model."""
+        is cut to an attack's threat model; ``train_config`` is what the server sent for it (default: the round's
+        train config; a probe's is :func:`fl_sim.task.contract.probe_train_config`)."""
         sent = self._sent.state
         update, buffers = split_update(sent, msg.content[self.arrayrecord_key].to_torch_state_dict(),
                                        self.parameter_names)
@@ -255,30 +266,42 @@ class CuriousFedAvg(FedAvg):
             global_state={k: v.clone() for k, v in sent.items()},
             update=update,
             num_examples=int(reply_metrics(msg)[NUM_EXAMPLES]),
-            train_config=self._sent.train_config,
+            train_config=self._sent.train_config if train_config is None else train_config,
             buffers=buffers,
             defense=self.spec.defense,
         )
 
-    def attack_payload(self, msg: Message) -> AttackPayload:
+    def attack_payload(self, msg: Message, train_config: TrainConfig | None = None) -> AttackPayload:
         """The payload the configured attack receives: :meth:`payload` cut to its threat model."""
         plan = self.spec.attack
-        return self.payload(msg).cut(plan.attack.threat_for(plan.options))
+        return self.payload(msg, train_config).cut(plan.attack.threat_for(plan.options))
 
-    def run_attack(self, server_round: int, msg: Message) -> dict[str, Any]:
-        """Run the configured attack on ``msg``'s update, score it with the evaluator, save the figure."""
+    def run_attack(self, server_round: int, msg: Message, target: str = "update",
+                   train_config: TrainConfig | None = None) -> dict[str, Any]:
+        """Run the configured attack on ``msg``'s update, score it with the evaluator, save the figure.
+
+        Args:
+            server_round: the round.
+            msg: a usable reply: the victim's train reply (``target="update"``) or its probe reply (``"probe"``).
+            target: recorded as the record's ``target``; a probe's figure is ``attacks/round_NNNN-probe.png``.
+            train_config: what the server sent for ``msg`` (default: the round's train config).
+
+        Returns:
+            The attack record: ``round``, ``client``, ``attack``, ``target``, ``time_s``, ``iterations``,
+            ``objective``, the attack's extras and, with an audit record, the scores and the figure; or ``error``.
+        """
         plan = self.spec.attack
         client = reply_partition(msg)
-        payload = self.attack_payload(msg)
+        payload = self.attack_payload(msg, train_config)
         budget = plan.budget_for(self.spec.task.seed, server_round)
         t0 = time.perf_counter()
         try:
             result = plan.attack.run(payload, budget, plan.options)
         except (ValueError, TimeoutError, RuntimeError) as exc:  # an attack that cannot run on this update
             log(INFO, "attack round %s client %s failed: %s", server_round, client, exc)
-            return {"round": server_round, "client": client, "attack": plan.name,
+            return {"round": server_round, "client": client, "attack": plan.name, "target": target,
                     "time_s": time.perf_counter() - t0, "error": f"{type(exc).__name__}: {exc}"}
-        record: dict[str, Any] = {"round": server_round, "client": client, "attack": plan.name,
+        record: dict[str, Any] = {"round": server_round, "client": client, "attack": plan.name, "target": target,
                                   "time_s": result.time_s, "iterations": result.iterations,
                                   "objective": result.objective, **result.extras}
         audit = reply_audit(msg)
@@ -290,11 +313,62 @@ class CuriousFedAvg(FedAvg):
             labels, true_labels = scores.pop("labels"), scores.pop("true_labels")
             record.update(scores)
             record["labels"], record["true_labels"], record["num_images"] = labels, true_labels, len(truth)
-            title = (f"round {server_round}, client {client}, {plan.name}: "
+            title = (f"round {server_round}, client {client}, {plan.name}"
+                     f"{' on the probe (one image, B = 1)' if target == 'probe' else ''}: "
                      f"PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.3f}")
-            record["image"] = self.recorder.save_attack_figure(server_round, truth, rec, title, labels, true_labels)
-        log(INFO, "attack round %s client %s: %s", server_round, client,
+            suffix = {} if target == "update" else {"suffix": f"-{target}"}  # recorders without it: update only
+            record["image"] = self.recorder.save_attack_figure(server_round, truth, rec, title, labels, true_labels,
+                                                               **suffix)
+        log(INFO, "attack round %s client %s (%s): %s", server_round, client, target,
             {k: record.get(k) for k in ("psnr", "ssim", "label_accuracy", "time_s")})
+        return record
+
+    def run_probe(self, server_round: int, victim: Message) -> dict[str, Any]:
+        """The ``probe`` target: ask the victim for its defended gradient of one image, attack and score that.
+
+        The evaluator picks the image (:func:`strategies.evaluator.probe_index`: the first one the victim's reply
+        names in its audit record); the strategy sends the victim's node a ``query.probe`` message
+        (:func:`fl_sim.task.contract.probe_request`: the round's global arrays, FedSGD with B = 1 at this round's
+        lr, the image's index) through the round's Grid and waits up to ``round-timeout``. The reply is validated
+        like a train reply (:func:`strategies.faults.check_reply`) and attacked with the probe's train config
+        (:meth:`run_attack`). It is an audit of the worst case a client sending one image's gradient would face
+        (the GradDefense talk's protocol): it is never aggregated, and the client answers it on a copy of its
+        state.
+
+        Returns:
+            The attack record (``target="probe"``, plus ``probe_time_s``: the round trip), or a record with
+            ``error`` when there is no image to probe, no Grid (the one-shot audit), or no usable reply.
+        """
+        plan = self.spec.attack
+        client = reply_partition(victim)
+        base = {"round": server_round, "client": client, "attack": plan.name, "target": "probe", "time_s": 0.0}
+        index = probe_index(reply_audit(victim))
+        node = next((n for n, p in self._sent.nodes.items() if str(p) == client), None)
+        if index is None or self._grid is None or node is None:
+            why = ("the victim's reply names no image in its audit record" if index is None else
+                   "no Grid to send the query.probe message (the one-shot audit has none)" if self._grid is None
+                   else f"client {client} has no node this round")
+            log(WARNING, "probe round %s client %s not run: %s", server_round, client, why)
+            return {**base, "error": f"probe not run: {why}"}
+        tc = probe_train_config(self._sent.train_config.lr, server_round)
+        content = probe_request(ArrayRecord({k: v.clone() for k, v in self._sent.state.items()}), tc, index)
+        t0 = time.perf_counter()
+        replies = list(self._grid.send_and_receive([Message(content, dst_node_id=node, message_type=PROBE)],
+                                                   timeout=self.spec.server.round_timeout))
+        probe_s = time.perf_counter() - t0
+        reply = replies[0] if replies else None
+        if reply is None:
+            reason = f"no reply within round-timeout={self.spec.server.round_timeout:g} s"
+        else:
+            reason = check_reply(reply, self._sent.expected, len(self.data.y_train), self.arrayrecord_key,
+                                 self.weighted_by_key, (*STANDARD_METRICS, *self.spec.defense.metrics))
+            if reason is None and reply_partition(reply) != client:
+                reason = f"reply claims partition {reply_partition(reply)}, but the probe went to client {client}"
+        if reason is not None:
+            log(WARNING, "probe round %s client %s failed: %s", server_round, client, reason)
+            return {**base, "probe_time_s": probe_s, "error": f"probe failed: {reason}"}
+        record = self.run_attack(server_round, reply, target="probe", train_config=tc)
+        record["probe_time_s"] = probe_s
         return record
 
     # -- central evaluation, end of round ------------------------------------------------------------------------

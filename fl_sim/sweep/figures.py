@@ -152,3 +152,65 @@ def sweep_figures(cells: list[dict[str, Any]], settings: dict[str, Any], sweep_d
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _value_text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def frontier_figure(front: dict[str, Any], path: Path) -> Path | None:
+    """Draw each defense's privacy–utility frontier (:func:`fl_sim.sweep.table.frontier`) to ``path``.
+
+    One row of panels per panel key (e.g. the attack), one column per target (``update``, ``probe``): final test
+    accuracy (%) against the mean attack PSNR (dB), one line per series (a defense with one key swept, its points in
+    strength order, each labelled with the key's value), ``none`` as a black star, and the mean chance PSNR of the
+    panel's attacks (``psnr_chance``: the training mean image's score; at or below it nothing was recovered) as a
+    dashed line. Returns ``None`` (and draws nothing) when there is no series.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [p for p in front["panels"] if p["series"]]
+    if not panels:
+        return None
+    targets = front["targets"]
+    fig, axes = plt.subplots(len(panels), len(targets), figsize=(6.0 * len(targets), 4.6 * len(panels)),
+                             squeeze=False)
+    names = sorted({f"{s['defense']}: {s['key']}" for p in panels for s in p["series"]})
+    colours = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
+    for row, panel in zip(axes, panels):
+        for ax, t in zip(row, targets):
+            chance = [pt["chance"][t] for s in panel["series"] for pt in s["points"] if pt["chance"][t] is not None]
+            for s in panel["series"]:
+                pts = [pt for pt in s["points"] if pt["acc"][0] is not None and pt["psnr"][t][0] is not None]
+                if not pts:
+                    continue
+                name = f"{s['defense']}: {s['key']}"
+                xs, ys = [pt["acc"][0] for pt in pts], [pt["psnr"][t][0] for pt in pts]
+                ax.plot(xs, ys, marker="o", markersize=4, color=colours[name], label=name, linewidth=1.2)
+                for x, y, pt in zip(xs, ys, pts):
+                    ax.annotate(_value_text(pt["value"]), (x, y), textcoords="offset points", xytext=(3, 3),
+                                fontsize=6, color=colours[name])
+            none = panel["none"]
+            if none and none["acc"][0] is not None and none["psnr"][t][0] is not None:
+                ax.scatter([none["acc"][0]], [none["psnr"][t][0]], marker="*", s=110, color="black", zorder=5,
+                           label="none")
+            if chance:
+                level = float(np.mean(chance))
+                ax.axhline(level, color="grey", linestyle="--", linewidth=0.9)
+                ax.text(0.01, level, " chance (training mean image)", transform=ax.get_yaxis_transform(),
+                        va="bottom", ha="left", fontsize=7, color="grey")
+            ax.set_xlabel("final test accuracy (%)  → more useful")
+            ax.set_ylabel(f"mean attack PSNR on the {t} (dB)  → less private")
+            where = ", ".join(f"{a} = {k}" for a, k in zip(front["panel_axes"], panel["key"]))
+            ax.set_title(f"target: {t}" + (" (one image, B = 1: worst-case audit)" if t == "probe" else "")
+                         + (f" — {where}" if where else ""), fontsize=9)
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle("privacy–utility frontier: each defense's strength swept", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -61,7 +61,7 @@ class LocalGrid:
 
 
 BASE = {"num-supernodes": 3, "mode": "fedsgd", "batch-size": 2, "attack": "idlg",
-        "attack-iterations": 3, "attack-every": 1, "victim": "0", "lr": 0.1, "lr-schedule": "constant"}
+        "attack-iterations": 1, "attack-every": 1, "victim": "0", "lr": 0.1, "lr-schedule": "constant"}
 
 
 def federation(tmp_path, name, **overrides):
@@ -146,8 +146,8 @@ def arrays_of(msg):
 
 STATEFUL = {  # defense settings whose client state (or, for Soteria, its per-round mask cache) a probe could disturb
     "graddefense": {"defense": "graddefense", "defense-gd-sensitivity-every": 2},
-    "dp-gaussian": {"defense": "dp-gaussian"},
-    "dp-sgd": {"defense": "dp-sgd", "defense-dp-noise-multiplier": 1.0},
+    "dp-gaussian": {"defense": "dp-gaussian", "defense-dp-accountant": "rdp"},
+    "dp-sgd": {"defense": "dp-sgd", "defense-dp-noise-multiplier": 1.0, "defense-dp-accountant": "rdp"},
     "fedkl": {"defense": "fedkl", "model": "lenet-kl"},
     "soteria-per-round": {"defense": "soteria", "defense-soteria-every": 0},
 }

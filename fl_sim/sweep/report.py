@@ -111,7 +111,7 @@ def write_frontier(sweep_dir: Path, cells: list[dict[str, Any]], settings: dict[
     figure = frontier_figure(front, sweep_dir / "frontier.png")
     targets = front["targets"]
     lines = [f"# Frontier of sweep `{sweep_dir.name}`", "",
-             "Each defense's strength swept (the sweep file lists each from its weakest setting to its strongest); "
+             "Each defense's strength swept, listed from the weakest setting to the strongest; "
              "PSNR is the mean over a cell's attacks on a target, then mean ± sample std over the averaged axes; "
              "*chance* is the mean PSNR of the training mean image against the same true images "
              "(`psnr_chance` in the attack records): at or below it the attack recovered nothing. The `probe` "

@@ -285,13 +285,26 @@ def _strength_axis(cells: list[dict[str, Any]], key: str) -> str | None:
     return None
 
 
+#: Strength keys whose larger values protect *less* (a frontier lists them from the largest value down).
+WEAKER_WHEN_LARGER = frozenset({"defense-dp-epsilon", "defense-dp-delta", "defense-dp-clip"})
+
+
+def strength_order(key: str, values: list[Any]) -> list[Any]:
+    """The distinct ``values`` of ``key`` from the weakest defense to the strongest: numbers ascending (descending for
+    :data:`WEAKER_WHEN_LARGER`: privacy budgets, clipping bounds), other values (e.g. a quantisation format) in the
+    order given (the sweep file's)."""
+    distinct = list(dict.fromkeys(values))
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in distinct):
+        return sorted(distinct, reverse=key in WEAKER_WHEN_LARGER)
+    return distinct
+
+
 def frontier(cells: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
     """Each defense's privacy–utility frontier over a sweep's finished cells (``sweeps/frontier-fmnist.toml``).
 
     A *series* is one defense with one of its keys swept (:func:`frontier_series`); its *points* are the key's values
-    in the order of the axis that sets them (the sweep file lists each defense from its weakest setting to its
-    strongest). A *panel* is one label tuple of the axes that neither set a strength nor are averaged (e.g. the
-    attack). Per point and target (``update``, ``probe``): the mean ± sample std over the averaged axes (seeds) of the
+    from the weakest defense to the strongest (:func:`strength_order`). A *panel* is one label tuple of the axes that
+    neither set a strength nor are averaged (e.g. the attack). Per point and target (``update``, ``probe``): the mean ± sample std over the averaged axes (seeds) of the
     cell's mean attack PSNR on that target (:func:`target_means`), the mean chance PSNR of those attacks
     (``psnr_chance`` in the attack records, the training mean image's PSNR; ``None`` when not recorded), and the
     final accuracy (%). ``none`` cells give the panel's reference accuracy and PSNR.
@@ -339,10 +352,8 @@ def frontier(cells: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str,
             if not mine:
                 continue
             axis = _strength_axis(s["cells"], s["key"])
-            values: list[Any] = []
-            for c in sorted(mine, key=lambda c: c["index"].get(axis, 0) if axis else 0):
-                if c["cfg"].get(s["key"]) not in values:
-                    values.append(c["cfg"].get(s["key"]))
+            values = strength_order(s["key"], [c["cfg"].get(s["key"]) for c in
+                                               sorted(mine, key=lambda c: c["index"].get(axis, 0) if axis else 0)])
             points = [{"value": v, **point([c for c in mine if c["cfg"].get(s["key"]) == v])} for v in values]
             reached: dict[str, Any] = {}
             for t in targets:

@@ -52,8 +52,10 @@ class Recorder(Protocol):
         """Keep one round's record."""
 
     def save_attack_figure(self, server_round: int, truth: np.ndarray, reconstruction: np.ndarray, title: str,
-                           labels: list[int] | None = None, true_labels: list[int] | None = None) -> str:
-        """Save truth above reconstruction; return where (relative to the run directory)."""
+                           labels: list[int] | None = None, true_labels: list[int] | None = None,
+                           suffix: str = "") -> str:
+        """Save truth above reconstruction; return where (relative to the run directory). ``suffix`` tells a probe's
+        figure from the update's of the same round (``"-probe"``; the strategy passes it only for the probe)."""
 
 
 class CuriousFedAvg(FedAvg):

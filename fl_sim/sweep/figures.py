@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from fl_sim.sweep.table import label_of, order
+from fl_sim.sweep.table import cell_targets, label_of, order, target_means
 
 def _crop_white(img: Any, pad: int = 4) -> Any:
     """An RGB(A) float image without its near-white margins (keeps ``pad`` pixels)."""
@@ -30,7 +30,8 @@ def sweep_figures(cells: list[dict[str, Any]], settings: dict[str, Any], sweep_d
     * ``accuracy[-GROUP].png``: test accuracy against round, one line per label of the last column axis (the
       defense): the mean over its cells (seeds, attacks), shaded between their min and max.
     * ``privacy-utility.png``: one point per cell, final accuracy (%) against mean attack PSNR (dB); colour = last
-      column axis, marker = first panel axis (the attack); one subplot per GROUP.
+      column axis, marker = first panel axis (the attack); one subplot per GROUP. With attacks on both targets
+      (``attack-target``), one point per cell and target: filled = the update, hollow = the probe.
     * ``montage[-GROUP].png``: rows = labels of the last column axis, columns = labels of the first panel axis;
       each panel is the first attacked round's figure (truth above reconstruction) of the cell with the smallest
       averaged-axis labels (the first seed).
@@ -90,15 +91,23 @@ def sweep_figures(cells: list[dict[str, Any]], settings: dict[str, Any], sweep_d
         plt.close(fig)
         paths.append(path)
 
+    targets = cell_targets(cells)
+    by_target = len(targets) > 1 or targets == ["probe"]
     fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4), squeeze=False)
     for ax, g in zip(axes[0], groups):
         for c in cells:
-            psnr = (c["summary"].get("attack_means") or {}).get("psnr")
             acc = c["summary"].get("final_accuracy")
-            if not in_group(c, g) or psnr is None or acc is None:
+            if not in_group(c, g) or acc is None:
                 continue
-            ax.scatter(acc * 100, psnr, color=colours[label_of(c, line_name)], edgecolor="black", linewidth=0.4,
-                       marker=shapes[label_of(c, marker_name)] if marker_name else "o", s=36)
+            points = ([(t, target_means(c["summary"], t)["psnr"]) for t in targets] if by_target else
+                      [("update", (c["summary"].get("attack_means") or {}).get("psnr"))])
+            for target, psnr in points:
+                if psnr is None:
+                    continue
+                colour = colours[label_of(c, line_name)]
+                ax.scatter(acc * 100, psnr, color=colour if target == "update" else "none", edgecolor=(
+                    "black" if target == "update" else colour), linewidth=0.4 if target == "update" else 1.2,
+                    marker=shapes[label_of(c, marker_name)] if marker_name else "o", s=36)
         ax.set_xlabel("final test accuracy (%)  → more useful")
         ax.set_ylabel("mean attack PSNR (dB)  → less private")
         ax.set_title(" · ".join(g) or "privacy–utility", fontsize=9)
@@ -106,9 +115,13 @@ def sweep_figures(cells: list[dict[str, Any]], settings: dict[str, Any], sweep_d
     if marker_name:
         handles += [plt.Line2D([], [], color="grey", marker=shapes[k], linestyle="", label=f"{marker_name}={k}")
                     for (k,) in markers_order]
+    if by_target:
+        handles += [plt.Line2D([], [], color="grey", marker="o", linestyle="", label="target: update"),
+                    plt.Line2D([], [], markerfacecolor="none", markeredgecolor="grey", marker="o", linestyle="",
+                               label="target: probe (one image)")]
     if handles:
         axes[0][-1].legend(handles=handles, fontsize=7, loc="best")
-    fig.suptitle("privacy–utility: one point per cell", fontsize=10)
+    fig.suptitle("privacy–utility: one point per cell" + (" and target" if by_target else ""), fontsize=10)
     fig.tight_layout()
     path = sweep_dir / "privacy-utility.png"
     fig.savefig(path, dpi=100)

@@ -94,7 +94,7 @@ def probe_update(spec: ClientSpec, msg_content: RecordDict, state: RecordDict, p
     train_config, index = contract.read_probe_request(msg_content)
     data = load_dataset(task.dataset, task.data_dir)
     part = partitions(data.name, task.data_dir, nparts, task.partition, task.dirichlet_alpha, task.seed)[pid]
-    if index not in set(int(i) for i in part):
+    if index not in {int(i) for i in part}:
         raise ValueError(f"probe of sample {index}: not in partition {pid} (a client probes its own images only)")
     one = np.asarray([index], dtype=np.int64)
     defense = dataclasses.replace(spec.defense, batches=lambda partition, tc, rng, params, st: [one])

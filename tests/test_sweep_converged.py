@@ -21,8 +21,15 @@ import tomli_w
 from fl_sim.config import defaults
 from fl_sim.sweep import load_sweep, plan
 from fl_sim.sweep.report import write_sweep_report
-from fl_sim.sweep.table import (frontier, frontier_series, load_sweep_cells, strength_order, sweep_rows,
-                                sweep_table, _sweep_settings)
+from fl_sim.sweep.table import (
+    _sweep_settings,
+    frontier,
+    frontier_series,
+    load_sweep_cells,
+    strength_order,
+    sweep_rows,
+    sweep_table,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXE = Path(sys.executable).with_name("fl-sim")

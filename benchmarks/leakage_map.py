@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flwr.app import ArrayRecord, Message, Metadata, RecordDict  # noqa: E402
 
 from attacker import ATTACKS  # noqa: E402
-from clients.client_app import client_seed  # noqa: E402
+from clients import secrets  # noqa: E402
 from clients.pipeline import client_update  # noqa: E402
 from clients.training import batch_schedule  # noqa: E402
 from fl_sim.audit import AuditRecorder, audit_dataset  # noqa: E402
@@ -70,6 +70,22 @@ FEDSGD_ATTACKS = ("idlg", "ig", "rgap", "gradinversion", "grnn")
 MULTISTEP_ATTACKS = ("ig-fedavg", "dimitrov", "grnn")
 DATASET = "fashion-mnist"
 LR = 0.15
+
+
+#: The run-level client secret these scripts draw with: ``fl-sim run --client-secret 0`` (the Makefile's default)
+#: makes the same batch and defense draws.
+CLIENT_SECRET = 0
+
+
+def round_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """The secret seed client ``partition_id`` draws its round-``server_round`` batches from under
+    ``--client-secret CLIENT_SECRET`` (:func:`clients.secrets.round_seed` of its node secret)."""
+    return secrets.round_seed(secrets.node_secret(CLIENT_SECRET, partition_id), seed, server_round)
+
+
+def once_seed(seed: int, partition_id: int) -> int:
+    """The once-per-run secret seed of client ``partition_id`` under ``--client-secret CLIENT_SECRET``."""
+    return secrets.once_seed(secrets.node_secret(CLIENT_SECRET, partition_id), seed)
 
 
 # -- model states ----------------------------------------------------------------------------------------------------
@@ -102,7 +118,7 @@ def trained_state(model: str, data: Dataset, rounds: int, seed: int) -> tuple[di
         for pid, part in enumerate(parts):
             local.load_state_dict(glob.state_dict())
             local.train()
-            rng = np.random.default_rng(client_seed(seed, rnd, pid))
+            rng = np.random.default_rng(round_seed(seed, rnd, pid))
             for idx in batch_schedule(part, tc, rng):
                 x = to_tensor(data.x_train[idx], data.mean, data.std)
                 loss = torch.nn.functional.cross_entropy(local(x), torch.as_tensor(data.y_train[idx]))
@@ -157,7 +173,7 @@ def attack_once(cfg: dict[str, Any], client: Dataset, state: dict[str, torch.Ten
     tc = task.train_config(record["lr"], 1)
     strategy.begin_round(1, arrays, tc, {1: 0})
     update = client_update(run.client, arrays.to_torch_state_dict(), client, np.arange(len(client.y_train)), tc,
-                           RecordDict(), client_seed(task.seed, 0, 0), client_seed(task.seed, 1, 0),
+                           RecordDict(), once_seed(task.seed, 0), round_seed(task.seed, 1, 0),
                            torch.device("cpu"))
     content = contract.train_reply(update.state, update.metrics, 0, update.sample_indices)
     md = Metadata(run_id=0, message_id=uuid.uuid4().hex, src_node_id=1, dst_node_id=0,

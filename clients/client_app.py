@@ -5,7 +5,9 @@ server and clients) gives the dataset, model and defense. A train message is ans
 (:func:`clients.pipeline.client_update`) with the reply the message contract describes
 (:func:`fl_sim.task.contract.train_reply`): the defended model, the metrics, the partition id and, when
 ``audit=true``, the audit-only record of the samples used. A ``query.whoami`` message is answered with the node's
-partition id and partition count (the server samples clients by partition id).
+partition id and partition count (the server samples clients by partition id). A ``query.probe`` message (the
+``attack-target=probe`` audit) is answered by the same pipeline on one named image (:func:`probe`), on a copy of the
+client's state.
 
 Every private draw (batches, defense noise and choices, FedKL's key) is seeded from the node's secret seed
 (:mod:`clients.secrets`), never from the run config alone. Before a train or evaluate call an empty
@@ -15,6 +17,8 @@ the round (:mod:`clients.state`), so ``fl-sim run --resume`` resumes the clients
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 
 import numpy as np
@@ -89,6 +93,61 @@ def _round_of(msg: Message) -> int:
     """The server round an evaluate message belongs to (Flower's FedAvg sends ``server-round``; 0 if absent)."""
     config = msg.content.config_records.get(contract.CONFIG)
     return int(config.get("server-round", 0)) if config is not None else 0
+
+
+def probe_update(spec: ClientSpec, msg_content: RecordDict, state: RecordDict, pid: int, nparts: int,
+                 device: torch.device, secret: int):
+    """The client's defended one-image FedSGD step of a ``query.probe`` request (:func:`probe`), and the state
+    copy it ran on.
+
+    The one client pipeline (:func:`clients.pipeline.client_update`) runs with the probe's train config (FedSGD,
+    B = 1, the round's lr), the client's defense, parameters and secrets, on a deep copy of ``state`` (the
+    client's ``Context.state``, which the probe never changes: DP release counters, GradDefense's sensitivities
+    and FedKL's lock layers stay as the last training round left them), with the batch fixed to the named image:
+    the defense's batch hook, if any (DP-SGD's Poisson sampling), is replaced by that one-image batch, while its
+    plan (σ, the divisor B) stays the client's. Everything else the defense does (step noise, pruning, masks,
+    ``on_model``/``on_reply`` hooks) runs as in training, seeded from the node's secret ``secret`` on the probe's
+    own stream (:func:`clients.secrets.probe_seed`).
+
+    Returns:
+        ``(ClientUpdate, state copy)``.
+
+    Raises:
+        ValueError: a malformed request, or an index that is not in this client's partition.
+    """
+    task = spec.task
+    train_config, index = contract.read_probe_request(msg_content)
+    data = load_dataset(task.dataset, task.data_dir)
+    part = partitions(data.name, task.data_dir, nparts, task.partition, task.dirichlet_alpha, task.seed,
+                      task.partition_size)[pid]
+    if index not in {int(i) for i in part}:
+        raise ValueError(f"probe of sample {index}: not in partition {pid} (a client probes its own images only)")
+    one = np.asarray([index], dtype=np.int64)
+    defense = dataclasses.replace(spec.defense, batches=lambda partition, tc, rng, params, st: [one])
+    probe_spec = dataclasses.replace(spec, defense=defense)
+    scratch = copy.deepcopy(state)
+    update = client_update(probe_spec, msg_content[contract.ARRAYS].to_torch_state_dict(), data, part, train_config,
+                           scratch, secrets.once_seed(secret, task.seed),
+                           secrets.probe_seed(secret, task.seed, train_config.server_round), device)
+    return update, scratch
+
+
+@app.query("probe")
+def probe(msg: Message, context: Context) -> Message:
+    """Answer the server's ``query.probe`` (``attack-target=probe``): the defended gradient step of one of this
+    client's images at the global model the message carries, as a train reply with its audit record.
+
+    An audit of the worst case a client sending one image's gradient would face (the GradDefense talk's protocol);
+    the reply never feeds training and the client's ``Context.state`` is left unchanged (:func:`probe_update`; an
+    empty state, e.g. after a restart, is first restored from the client's state directory as of this round).
+    """
+    spec, pid, nparts, device = _setup(context)
+    train_config, _ = contract.read_probe_request(msg.content)
+    state.restore(context, state.state_dir(context, pid), train_config.server_round)
+    secret = secrets.node_secret_for(context, pid)
+    update, _ = probe_update(spec, msg.content, context.state, pid, nparts, device, secret)
+    content = contract.train_reply(update.state, update.metrics, pid, update.sample_indices)
+    return Message(content=content, reply_to=msg)
 
 
 @app.query("whoami")

@@ -49,7 +49,7 @@ RUN_SECRET_FILE = Path("clients") / "secret"
 SECRET_LIMIT = 2**63
 
 # domain tags: the node's derivation, the once-per-run seed and the per-round seeds never share a SeedSequence input
-_NODE, _ONCE, _ROUND, _CHILD = 0x6E6F6465, 0x6F6E6365, 0x726F756E, 0x6368696C
+_NODE, _ONCE, _ROUND, _CHILD, _PROBE = 0x6E6F6465, 0x6F6E6365, 0x726F756E, 0x6368696C, 0x70726F62
 
 
 def _word(x: int) -> int:
@@ -124,6 +124,13 @@ def round_seed(secret: int, seed: int, server_round: int) -> int:
     """A 32-bit seed for a node's private draws in ``server_round`` (its batches, its defense's noise and choices),
     from its secret ``secret`` and the run config's public ``seed``."""
     return _draw(_ROUND, secret, seed, server_round) & 0xFFFFFFFF
+
+
+def probe_seed(secret: int, seed: int, server_round: int) -> int:
+    """A 32-bit seed for the private draws of a ``query.probe`` answer in ``server_round`` (its defense's noise and
+    choices): another stream than :func:`round_seed`'s, so a probe never repeats the noise or slice draws of the
+    update the client sent in that round."""
+    return _draw(_PROBE, secret, seed, server_round) & 0xFFFFFFFF
 
 
 def node_secret_for(context: Context, partition_id: int) -> int:

@@ -170,13 +170,28 @@ def check_attack_images(cfg: Mapping[str, Any], partition_sizes: Mapping[int, in
         partition_sizes: partition id → number of samples, for the partitions the victim may be (all of them for
             ``victim=random``; the caller may pass more).
 
+    With ``attack-target=probe`` only the probe (one image, B = 1) is checked; with ``both`` the update is not
+    refused (an update that holds another number of images is recorded unscored, with the reason, and not attacked).
+
     Raises:
         ConfigError: one line naming the attack, the mode and the image counts, for the first partition whose
-            update holds another number of images than the attack reconstructs (or an undetermined number).
+            update holds another number of images than the attack reconstructs (or an undetermined number), or an
+            attack that does not reconstruct one image from the probe.
     """
     run = specs(cfg).server
     plan, task, victim = run.attack, run.task, run.server.victim
     if run.server.attack_every == 0:
+        return
+    targets = run.server.targets
+    if "probe" in targets:  # one FedSGD step on one image (B = 1), whatever the run's protocol
+        probe_task = replace(task, mode="fedsgd", batch_size=1)
+        if plan.attack.images(probe_task, 1) != 1:
+            raise ConfigError(f"attack={plan.name!r} is not allowed with attack-target={run.server.attack_target!r}: "
+                              f"the probe's update holds 1 image and {plan.name} reconstructs "
+                              f"{plan.attack.images(probe_task, 1)}; use attack-target='update'")
+    if "update" not in targets or "probe" in targets:
+        # probe only: the update is not attacked; both: an update that holds another number of images than the
+        # attack reconstructs is recorded unscored, with the reason (CuriousFedAvg.run_attack), and the probe attacked
         return
     tc = task.train_config()
     steps = f"local-steps={task.local_steps}" if task.local_steps else f"local-epochs={task.local_epochs}"

@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from fl_sim.results import attack_means, read_metrics
+from fl_sim.results import attack_means, attack_means_by_target, attack_target, read_metrics
 
 
 def _fmt(x: Any, spec: str = ".2f") -> str:
@@ -59,9 +59,14 @@ def accuracy_figure(records: list[dict[str, Any]], path: Path, title: str = "") 
     attacks = [a for r in records for a in r.get("attacks", []) if a.get("psnr") is not None]
     if attacks:
         ax2 = ax.twinx()
-        ax2.scatter([a["round"] for a in attacks], [a["psnr"] for a in attacks], color="tab:red", s=14,
-                    label="attack PSNR")
+        for target, colour, marker in (("update", "tab:red", "o"), ("probe", "tab:orange", "^")):
+            mine = [a for a in attacks if attack_target(a) == target]
+            if mine:
+                ax2.scatter([a["round"] for a in mine], [a["psnr"] for a in mine], color=colour, s=14, marker=marker,
+                            label=f"attack PSNR ({target})")
         ax2.set_ylabel("attack PSNR (dB)", color="tab:red")
+        if any(attack_target(a) != "update" for a in attacks):
+            ax2.legend(fontsize=7, loc="lower right")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -92,7 +97,7 @@ def write_run_report(run_dir: str | Path) -> Path:
         "|---|---|",
     ]
     for k in ("dataset", "data-dir", "model", "mode", "batch-size", "lr", "lr-schedule", "num-supernodes",
-              "num-server-rounds", "defense", "attack", "attack-every", "victim", "seed"):
+              "num-server-rounds", "defense", "attack", "attack-every", "victim", "attack-target", "seed"):
         if k in cfg:
             lines.append(f"| {k} | `{cfg[k]}` |")
     lines += [
@@ -113,23 +118,30 @@ def write_run_report(run_dir: str | Path) -> Path:
     attacks = summary.get("attacks") or [a for r in records for a in r.get("attacks", [])]
     if attacks:
         if "succeeded" not in means:  # a run still going (no summary yet), or a summary of an older fl-sim
-            means = attack_means(attacks)
+            means = attack_means([a for a in attacks if attack_target(a) == "update"] or attacks)
         lines += [privacy_sentence(means, summary.get("attack_failures") or {}), ""]
+        by_target = attack_means_by_target(attacks)
+        if set(by_target) - {"update"}:
+            lines += ["The mean above is over the `update` target's attacks. Per target (`update`: the intercepted "
+                      "update; `probe`: the victim's defended gradient of one of its images, B = 1 — an audit of the "
+                      "worst case a client sending one image would face, never used for training):", ""]
+            lines += [f"* `{t}`: {privacy_sentence(m, {})}" for t, m in by_target.items()]
+            lines.append("")
         lines += [
-            "| round | client | attack | images | PSNR (dB) | PSNR chance | SSIM | SSIM chance | MSE | label acc. | "
-            "time (s) | iterations | image |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| round | client | attack | target | images | PSNR (dB) | PSNR chance | SSIM | SSIM chance | MSE | "
+            "label acc. | time (s) | iterations | image |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for a in attacks:
             img = f"[png]({a['image']})" if a.get("image") else ""
+            head = f"| {a.get('round')} | {a.get('client')} | {a.get('attack')} | {attack_target(a)} | "
             if "error" in a or a.get("unscored"):
                 what = f"failed: {a['error']}" if "error" in a else f"not scored: {a['unscored']}"
-                lines.append(f"| {a.get('round')} | {a.get('client')} | {a.get('attack')} | {a.get('num_images', '')} "
-                             f"| {what.replace('|', '/')} | | | | | | {_fmt(a.get('time_s'), '.1f')} | "
-                             f"{a.get('iterations', '')} | |")
+                lines.append(f"{head}{a.get('num_images', '')} | {what.replace('|', '/')} | | | | | | "
+                             f"{_fmt(a.get('time_s'), '.1f')} | {a.get('iterations', '')} | |")
                 continue
             lines.append(
-                f"| {a.get('round')} | {a.get('client')} | {a.get('attack')} | {a.get('num_images', '')} | "
+                f"{head}{a.get('num_images', '')} | "
                 f"{_fmt(a.get('psnr'))}{below_mark(a.get('psnr'), a.get('psnr_chance'))} | "
                 f"{_fmt(a.get('psnr_chance'))} | "
                 f"{_fmt(a.get('ssim'), '.3f')}{below_mark(a.get('ssim'), a.get('ssim_chance'))} | "

@@ -6,6 +6,7 @@ Layout::
       config.toml        the resolved run config (every key)
       metrics.jsonl      one JSON object per round (appended and flushed as each round ends)
       attacks/round_NNNN.png   truth (top row) above reconstruction (bottom row), per attacked round
+                         (``round_NNNN-probe.png`` for the probe target's attack)
       accuracy.png       test accuracy (and attack PSNR) against round
       report.md          a human-readable summary linking the figures
       summary.json       final_accuracy (0–1), rounds, wall_time_s, attacks [...], provenance {...}, and more
@@ -21,6 +22,7 @@ evaluated that round), ``round_time_s`` (client phase + aggregation, attacks and
 ``failures`` (replies dropped, per client: ``node``, ``partition_id``, ``reason`` — error replies, malformed
 updates, no reply within ``round-timeout``, dropouts), ``skipped`` (only when fewer than ``min-replies`` replies were
 usable: why the global model was kept) and ``attacks`` (per attack: ``round``, ``client``, ``attack``,
+``target`` — ``update``, the intercepted update, or ``probe``, the one-image audit of ``attack-target`` —,
 ``num_images``, ``psnr``, ``ssim``, ``mse``, their chance levels ``psnr_chance``, ``ssim_chance``, ``mse_chance``,
 ``label_accuracy``, ``time_s``, ``iterations``, ``image``; a failed attack has ``error`` and ``error_type``
 instead of scores).
@@ -119,9 +121,10 @@ FINAL_MODEL = "final_model.pt"
 INTERCEPTED_FORMAT = "fl-sim-intercepted/1"
 
 
-def intercepted_path(run_dir: Path, server_round: int) -> Path:
-    """``RUN_DIR/attacks/round_NNNN_update.pt``: the server's view of round ``server_round``'s attacked update."""
-    return Path(run_dir) / "attacks" / f"round_{server_round:04d}_update.pt"
+def intercepted_path(run_dir: Path, server_round: int, target: str = "update") -> Path:
+    """``RUN_DIR/attacks/round_NNNN_update.pt``: the server's view of round ``server_round``'s attacked update
+    (``round_NNNN_probe.pt`` for the probe reply of ``attack-target=probe|both``)."""
+    return Path(run_dir) / "attacks" / f"round_{server_round:04d}_{target}.pt"
 
 
 class RunRecorder:
@@ -167,29 +170,34 @@ class RunRecorder:
                 self._tb.add_scalar(tag, value, int(record["round"]))
             self._tb.flush()
 
-    def save_intercepted(self, server_round: int, client: str, payload: AttackPayload) -> str:
-        """Save the server's full view of the attacked update as ``attacks/round_NNNN_update.pt`` (see
+    def save_intercepted(self, server_round: int, client: str, payload: AttackPayload, target: str = "update") -> str:
+        """Save the server's full view of the attacked update as ``attacks/round_NNNN_{target}.pt`` (see
         :func:`save_payload`); return the path relative to the run directory."""
-        path = intercepted_path(self.run_dir, server_round)
+        path = intercepted_path(self.run_dir, server_round, target)
         save_payload(path, payload, server_round, client)
         return str(path.relative_to(self.run_dir))
 
-    def save_attack_arrays(self, server_round: int, attack: str, arrays: Mapping[str, np.ndarray]) -> None:
+    def save_attack_arrays(self, server_round: int, attack: str, arrays: Mapping[str, np.ndarray],
+                           target: str = "update") -> None:
         """Add round ``server_round``'s raw results to ``reconstructions.npz`` (rewritten atomically).
 
         Args:
             arrays: the evaluator's ``arrays`` (:func:`strategies.evaluator.score_reconstruction`).
+            target: ``update`` (keys ``round_RRRR_<name>``) or ``probe`` (keys ``round_RRRR_probe_<name>``).
         """
+        pre = f"round_{server_round:04d}_" + ("" if target == "update" else f"{target}_")
         for k, v in arrays.items():
-            self._arrays[f"round_{server_round:04d}_{k}"] = np.asarray(v)
+            self._arrays[pre + k] = np.asarray(v)
         rounds = sorted({int(k[6:10]) for k in self._arrays})
         tmp = self.run_dir / f".{RECONSTRUCTIONS}.tmp"
         with open(tmp, "wb") as f:
             np.savez(f, rounds=np.asarray(rounds, np.int64), **self._arrays)
         os.replace(tmp, self.run_dir / RECONSTRUCTIONS)
 
-    def log_attack_progress(self, server_round: int, attack: str, trace: list[tuple[int, float]]) -> None:
-        """Write an attack's objective against iteration as ``attack/objective/round_NNNN``.
+    def log_attack_progress(self, server_round: int, attack: str, trace: list[tuple[int, float]],
+                            target: str = "update") -> None:
+        """Write an attack's objective against iteration as ``attack/objective/round_NNNN`` (``.../round_NNNN-probe``
+        for the probe target).
 
         Args:
             trace: ``(iteration, objective)`` pairs in the order ``Budget.progress`` reported them; an iteration
@@ -197,7 +205,8 @@ class RunRecorder:
         """
         if self._tb is None or not trace:
             return
-        tag, offset, last = f"attack/objective/round_{server_round:04d}", 0, -1
+        suffix = "" if target == "update" else f"-{target}"
+        tag, offset, last = f"attack/objective/round_{server_round:04d}{suffix}", 0, -1
         for it, value in trace:
             if it + offset <= last:
                 offset = last + 1 - it
@@ -214,17 +223,19 @@ class RunRecorder:
         return path
 
     def save_attack_figure(self, server_round: int, truth: np.ndarray, reconstruction: np.ndarray,
-                           title: str, labels: list[int] | None = None, true_labels: list[int] | None = None) -> str:
-        """Save truth (top) above reconstruction (bottom) as ``attacks/round_NNNN.png``; return the relative path.
+                           title: str, labels: list[int] | None = None, true_labels: list[int] | None = None,
+                           suffix: str = "") -> str:
+        """Save truth (top) above reconstruction (bottom) as ``attacks/round_NNNN{suffix}.png``; return the relative
+        path (``suffix="-probe"`` for the ``probe`` target's attack).
 
         Args:
             truth, reconstruction: ``float (B, C, H, W)`` in [0, 1], already matched pairwise.
         """
-        rel = f"attacks/round_{server_round:04d}.png"
+        rel = f"attacks/round_{server_round:04d}{suffix}.png"
         save_pair_figure(self.run_dir / rel, truth, reconstruction, title, labels, true_labels)
         if self._tb is not None:
-            self._tb.add_image("attack/truth_above_reconstruction", pair_grid(truth, reconstruction), server_round,
-                               dataformats="CHW")
+            self._tb.add_image(f"attack/truth_above_reconstruction{suffix}", pair_grid(truth, reconstruction),
+                               server_round, dataformats="CHW")
         return rel
 
     def close(self) -> None:
@@ -258,11 +269,12 @@ def round_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     if eps:
         put("privacy/epsilon", max(eps))
     for a in record.get("attacks") or []:
+        pre = "attack" if attack_target(a) == "update" else f"attack-{attack_target(a)}"  # attack-probe/...
         for k in ("psnr", "ssim", "mse", "label_accuracy", "time_s"):
-            put(f"attack/{k}", a.get(k))
+            put(f"{pre}/{k}", a.get(k))
         for k, v in a.items():
             if k.endswith("_chance"):
-                put(f"attack/{k}", v)
+                put(f"{pre}/{k}", v)
     return out
 
 
@@ -428,8 +440,10 @@ def summarize(records: list[dict[str, Any]], cfg: Mapping[str, Any], wall_time_s
     and ``final_loss`` (last evaluated round), ``best_accuracy``, ``wall_time_s``, ``mean_round_time_s`` (ART's
     numerator), ``mean_train_time_s``, ``mean_defense_time_s``, ``attacks`` (every attack record, failed ones
     included), ``attack_means`` (:func:`attack_means`: the means over the attacks that succeeded, their chance
-    levels, and ``succeeded`` of ``attacks``), ``attack_failures`` (error type → count), the key settings and, for
-    a DP defense, ``privacy`` (:func:`privacy_block`).
+    levels, and ``succeeded`` of ``attacks``; over the ``update`` target's attacks when the run has them, so that
+    a probe's one-image scores never mix into the update's), ``attack_failures`` (error type → count), the key
+    settings, for a DP defense ``privacy`` (:func:`privacy_block`) and, when some attack has another target than
+    ``update``, ``attack_means_by_target`` (:func:`attack_means_by_target`).
     """
     evaluated = [r for r in records if r.get("accuracy") is not None]
     attacks = [a for r in records for a in r.get("attacks", [])]
@@ -450,7 +464,7 @@ def summarize(records: list[dict[str, Any]], cfg: Mapping[str, Any], wall_time_s
         "mean_train_time_s": mean([c.get("train_time_s") for c in clients]),
         "mean_defense_time_s": mean([c.get("defense_time_s") for c in clients]),
         "attacks": attacks,
-        "attack_means": attack_means(attacks),
+        "attack_means": attack_means([a for a in attacks if attack_target(a) == "update"] or attacks),
         "attack_failures": attack_failures(attacks),
         "settings": {k: cfg[k] for k in ("dataset", "model", "mode", "batch-size", "lr", "num-supernodes",
                                          "num-server-rounds", "defense", "attack", "seed") if k in cfg},
@@ -458,6 +472,9 @@ def summarize(records: list[dict[str, Any]], cfg: Mapping[str, Any], wall_time_s
     privacy = privacy_block(records, cfg)
     if privacy is not None:
         summary["privacy"] = privacy
+    by_target = attack_means_by_target(attacks)
+    if set(by_target) - {"update"}:
+        summary["attack_means_by_target"] = by_target
     return finite(summary)
 
 
@@ -512,6 +529,19 @@ def provenance(cfg: Mapping[str, Any] | None = None, argv: list[str] | None = No
             out["attack_device"] = device_label(resolve_device(attack, "attack-device")) if attack else out["device"]
         except ValueError:  # a config for another machine (provenance never fails a run)
             out["device"], out["attack_device"] = str(cfg.get("device")), str(cfg.get("attack-device"))
+    return out
+
+
+def attack_target(attack: Mapping[str, Any]) -> str:
+    """An attack record's ``target`` (records written before targets existed attacked the update)."""
+    return str(attack.get("target") or "update")
+
+
+def attack_means_by_target(attacks: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per target (``update``, ``probe``, in that order), :func:`attack_means` over that target's attacks —
+    ``summary.json``'s ``attack_means_by_target``."""
+    targets = sorted({attack_target(a) for a in attacks}, key=lambda t: (t != "update", t))
+    return {t: attack_means([a for a in attacks if attack_target(a) == t]) for t in targets}
     return out
 
 

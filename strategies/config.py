@@ -23,6 +23,8 @@ from strategies.steps import SERVER_STEPS, ServerStep
 
 #: The ``victim`` value that attacks the round's aggregate instead of one client's update.
 AGGREGATE = "aggregate"
+#: The values of ``attack-target``: what an attack round attacks (``both`` = ``update`` then ``probe``).
+TARGETS = ("update", "probe", "both")
 
 #: The server side's own keys.
 SERVER_KEYS: dict[str, Key] = {
@@ -43,6 +45,11 @@ SERVER_KEYS: dict[str, Key] = {
     "victim": Key("0", "partition id of the attacked client, 'random', or 'aggregate' (the round's FedAvg aggregate: "
                        "all a server sees under secure aggregation, scored against the union of the round's batches)",
                   also_int=True),
+    "attack-target": Key("update", "what an attack round attacks: update = the victim's intercepted update; probe = "
+                                   "an audit of the worst case: the victim's defended FedSGD gradient of one of its "
+                                   "training images (B = 1) at the global model, asked for with a query.probe "
+                                   "message and never used for training; both = the two, recorded side by side",
+                         choices=TARGETS),
 }
 
 
@@ -60,6 +67,12 @@ class ServerConfig:
     lr_schedule: str
     attack_every: int
     victim: str
+    attack_target: str = "update"
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The targets an attack round attacks, in order: ``("update",)``, ``("probe",)`` or both."""
+        return ("update", "probe") if self.attack_target == "both" else (self.attack_target,)
 
     def lr_at(self, lr: float, server_round: int) -> float:
         """The client learning rate the server sends in ``server_round`` (1-based).
@@ -133,11 +146,13 @@ def sampled_per_round(server: ServerConfig, task: TaskConfig) -> int:
 
 
 def check(server: ServerConfig, task: TaskConfig) -> None:
-    """Checks of the server keys against the federation's size.
+    """Checks of the server keys against the federation's size and the task.
 
     Raises:
-        ConfigError: ``min-replies`` above the clients sampled per round, or a victim that is neither ``random``,
-            ``aggregate`` nor a partition id in ``[0, num-supernodes)``.
+        ConfigError: ``min-replies`` above the clients sampled per round, a victim that is neither ``random``,
+            ``aggregate`` nor a partition id in ``[0, num-supernodes)``, ``attack-target`` probe/both with
+            ``audit=false`` (the probe's image is taken from the victim's audit record), or with
+            ``victim=aggregate`` (a probe asks one client).
     """
     n = task.num_supernodes
     sampled = sampled_per_round(server, task)
@@ -149,3 +164,9 @@ def check(server: ServerConfig, task: TaskConfig) -> None:
     if victim not in ("random", AGGREGATE) and not (victim.isdigit() and int(victim) < n):
         raise ConfigError(f"victim={victim!r} is not allowed; victim must be 'random', '{AGGREGATE}' or a partition "
                           f"id in 0..{n - 1} (num-supernodes={n})")
+    if "probe" in server.targets and not task.audit:
+        raise ConfigError(f"attack-target={server.attack_target!r} is not allowed with audit=false: the probe's image "
+                          "is one the victim names in its audit record; set audit=true or attack-target='update'")
+    if "probe" in server.targets and victim == AGGREGATE:
+        raise ConfigError(f"attack-target={server.attack_target!r} is not allowed with victim='{AGGREGATE}': a probe "
+                          "asks one client for its gradient; set attack-target='update' or name a victim")

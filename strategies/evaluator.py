@@ -38,6 +38,15 @@ def truth_from_audit(data: Dataset, audit: Mapping[str, Any]) -> tuple[np.ndarra
     return images, data.y_train[idx]
 
 
+def probe_index(audit: Mapping[str, Any] | None) -> int | None:
+    """The image a probe asks for (``attack-target=probe``): the first sample the victim reports in its audit
+    record this round (an index into the training split), or ``None`` when the record is missing or empty (e.g. an
+    empty Poisson batch). The ground truth stays with the evaluator: the attacker sees only the probe's reply."""
+    if audit is None or len(audit[SAMPLE_INDICES]) == 0:
+        return None
+    return int(audit[SAMPLE_INDICES][0])
+
+
 def union_audit(audits: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:
     """The audit record of an aggregate: the samples of every record, in order (record after record).
 

@@ -30,6 +30,9 @@ from scipy.ndimage import correlate1d
 from scipy.optimize import linear_sum_assignment
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
+#: Pixel differences held at once while :func:`match` builds its cost matrix (~64 MB of float32).
+MATCH_CHUNK = 16_000_000
+
 #: MSE floor used for PSNR so that a bit-exact reconstruction scores 100 dB instead of infinity (JSON-safe).
 MSE_FLOOR = 1e-10
 #: SSIM's Gaussian window (Wang et al. 2004): standard deviation and size in pixels.
@@ -122,7 +125,12 @@ def match(reconstruction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np
                          "scores are defined between sets of equal size only")
     if reconstruction.shape[1:] != truth.shape[1:]:
         raise ValueError(f"reconstruction {reconstruction.shape} and truth {truth.shape} differ in image shape")
-    cost = ((reconstruction[:, None] - truth[None]) ** 2).reshape(len(reconstruction), len(truth), -1).mean(-1)
+    cost = np.empty((len(reconstruction), len(truth)), dtype=np.result_type(reconstruction, truth))
+    step = max(1, MATCH_CHUNK // max(1, len(reconstruction) * reconstruction[0].size))  # truth images per chunk
+    for j in range(0, len(truth), step):  # bounded memory: an aggregate's or an epoch's batch holds many images
+        part = truth[j:j + step]
+        cost[:, j:j + step] = ((reconstruction[:, None] - part[None]) ** 2).reshape(
+            len(reconstruction), len(part), -1).mean(-1)
     rows, cols = linear_sum_assignment(cost)
     order = np.argsort(cols)
     return rows[order], cols[order]

@@ -8,7 +8,10 @@ and the one-shot audit alike (:meth:`CuriousFedAvg.aggregate_train`):
 2. **attack** — every ``attack-every`` rounds the victim's update goes to the attacker as an
    :class:`~attacker.payload.AttackPayload` cut to the attack's declared threat model
    (:meth:`~attacker.payload.AttackPayload.cut`), and the reconstruction is scored by the evaluator
-   (:mod:`strategies.evaluator`), which alone reads the reply's audit record;
+   (:mod:`strategies.evaluator`), which alone reads the reply's audit record; with ``attack-target=probe`` (or
+   ``both``) the server also asks the victim for the defended one-image gradient of one of its images
+   (:meth:`CuriousFedAvg.run_probe`, a ``query.probe`` message) and attacks that — an audit of the worst case, never
+   aggregated;
 3. **aggregate** — FedAvg, then the defense's server step (:mod:`strategies.steps`) on the aggregate.
 """
 
@@ -32,14 +35,15 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from attacker import AttackPayload
 from attacker.payload import AttackError, images_in_update, split_update
-from fl_sim.task.contract import (ARRAYS, AUDIT, CONFIG, META, METRICS, NUM_EXAMPLES, PARTITION_ID,
+from fl_sim.task.contract import (ARRAYS, AUDIT, CONFIG, META, METRICS, NUM_EXAMPLES, PARTITION_ID, PROBE,
                                   STANDARD_METRICS, TRAIN_LOSS, TRAIN_TIME, DEFENSE_TIME, SAMPLE_INDICES,
-                                  TrainConfig, reply_audit, reply_metrics, reply_partition)
+                                  TrainConfig, probe_request, probe_train_config, reply_audit, reply_metrics,
+                                  reply_partition)
 from fl_sim.task.config import resolve_device
 from fl_sim.task.datasets import Dataset, on_device
 from fl_sim.task.models import build_model, evaluate
 from strategies.config import AGGREGATE, ServerSpec
-from strategies.evaluator import chance_reference, score_reconstruction, union_audit
+from strategies.evaluator import chance_reference, probe_index, score_reconstruction, union_audit
 from strategies.faults import check_reply, discover_partitions, sample_partitions
 from strategies.rounds import SentRound, cast_like, sent_round
 
@@ -59,8 +63,10 @@ class Recorder(Protocol):
         """Keep one round's record."""
 
     def save_attack_figure(self, server_round: int, truth: np.ndarray, reconstruction: np.ndarray, title: str,
-                           labels: list[int] | None = None, true_labels: list[int] | None = None) -> str:
-        """Save truth above reconstruction; return where (relative to the run directory)."""
+                           labels: list[int] | None = None, true_labels: list[int] | None = None,
+                           suffix: str = "") -> str:
+        """Save truth above reconstruction; return where (relative to the run directory). ``suffix`` tells a probe's
+        figure from the update's of the same round (``"-probe"``; the strategy passes it only for the probe)."""
 
     def save_intercepted(self, server_round: int, client: str, payload: AttackPayload) -> str:
         """Keep the server's full view of the attacked update (before the cut to the attack's threat model, never
@@ -124,6 +130,7 @@ class CuriousFedAvg(FedAvg):
         #: the chance-level reconstruction (``(C, H, W)`` in [0, 1]); None = the training split's mean image, computed
         #: at the first scored attack (the one-shot audit sets it: its training split is the audited images alone)
         self.chance_image: np.ndarray | None = None
+        self._grid: Grid | None = None  # the Grid of the current round (the probe is a message); None in the audit
         self.partition_of: dict[int, int] = {}  # Flower node id -> partition id (learnt by query.whoami)
         self.excluded: set[int] = set()  # nodes that did not answer query.whoami or were replaced (never sampled)
         self._record: dict[str, Any] = {}
@@ -156,6 +163,7 @@ class CuriousFedAvg(FedAvg):
         if self.stop():
             raise KeyboardInterrupt("stop requested")
         record = self.new_record(server_round)
+        self._grid = grid
         task, server = self.spec.task, self.spec.server
         connected = sorted(grid.get_node_ids())
         online = set(connected)
@@ -236,8 +244,11 @@ class CuriousFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate the replies, attack the victim's update if this is an attack round, then aggregate (FedAvg and
-        the defense's server step)."""
+        """Validate the replies, attack the victim if this is an attack round (its update, the probe or both:
+        ``attack-target``), then aggregate (FedAvg and the defense's server step).
+
+        The attacks' time, the probe's round trip included, is recorded as ``attack_time_s`` and left out of
+        ``round_time_s``."""
         ok = self.usable_replies(server_round, list(replies))
         for msg in ok:
             m = reply_metrics(msg)
@@ -254,7 +265,9 @@ class CuriousFedAvg(FedAvg):
             victim = self.pick_victim(ok)
             if victim is not None:
                 t = time.perf_counter()
-                self._record["attacks"].append(self.run_attack(server_round, victim))
+                for target in self.spec.server.targets:
+                    run = self.run_attack if target == "update" else self.run_probe
+                    self._record["attacks"].append(run(server_round, victim))
                 attack_s = time.perf_counter() - t
         arrays, metrics = super().aggregate_train(server_round, ok)
         if arrays is not None:
@@ -306,9 +319,10 @@ class CuriousFedAvg(FedAvg):
                       group_id=first.group_id, created_at=time.time(), ttl=first.ttl, message_type=first.message_type)
         return Message(content=content, metadata=md)
 
-    def payload(self, msg: Message) -> AttackPayload:
+    def payload(self, msg: Message, train_config: TrainConfig | None = None) -> AttackPayload:
         """Everything a curious server holds about this reply (no audit record, nothing client-private), before it
-        is cut to an attack's threat model."""
+        is cut to an attack's threat model; ``train_config`` is what the server sent for it (default: the round's
+        train config; a probe's is :func:`fl_sim.task.contract.probe_train_config`)."""
         sent = self._sent.state
         update, buffers = split_update(sent, msg.content[self.arrayrecord_key].to_torch_state_dict(),
                                        self.parameter_names)
@@ -321,7 +335,7 @@ class CuriousFedAvg(FedAvg):
             global_state={k: v.clone() for k, v in sent.items()},
             update=update,
             num_examples=int(reply_metrics(msg)[NUM_EXAMPLES]),
-            train_config=self._train_config_of(msg),
+            train_config=self._train_config_of(msg) if train_config is None else train_config,
             buffers=buffers,
             defense=self.spec.defense,
         )
@@ -333,25 +347,38 @@ class CuriousFedAvg(FedAvg):
             return replace(self._sent.train_config, batch_size=int(meta[AGGREGATE_BATCH]))
         return self._sent.train_config
 
-    def attack_payload(self, msg: Message) -> AttackPayload:
+    def attack_payload(self, msg: Message, train_config: TrainConfig | None = None) -> AttackPayload:
         """The payload the configured attack receives: :meth:`payload` cut to its threat model."""
         plan = self.spec.attack
-        return self.payload(msg).cut(plan.attack.threat_for(plan.options))
+        return self.payload(msg, train_config).cut(plan.attack.threat_for(plan.options))
 
-    def run_attack(self, server_round: int, msg: Message) -> dict[str, Any]:
+    def run_attack(self, server_round: int, msg: Message, target: str = "update",
+                   train_config: TrainConfig | None = None) -> dict[str, Any]:
         """Run the configured attack on ``msg``'s update, score it with the evaluator, save the figure.
 
-        The record holds ``round``, ``client``, ``attack``, ``time_s``, ``num_images`` (the images the update holds,
-        which the attack reconstructs), ``iterations``, ``objective`` and the attack's extras; when the reply has an
-        audit record also ``psnr``, ``ssim``, ``mse``, ``label_accuracy``, their chance levels ``psnr_chance``,
-        ``ssim_chance``, ``mse_chance``, ``labels``, ``true_labels`` and ``image``. An attack that raises one of the
-        failures it may declare (:class:`attacker.payload.AttackError`: not applicable, budget exhausted) gives a
-        record with ``error`` (``"Type: message"``) and ``error_type`` instead of scores, and the run goes on (the
-        summary counts it); any other exception propagates and stops the run. When the defense draws the batches
-        itself (:attr:`attacker.payload.DefenseInfo.own_batches`, e.g. dp-sgd's Poisson batches) and the update
-        holds another number of images than the attack reconstructed (an empty batch included), the record has
-        ``num_images`` (the true count) and ``unscored`` (why) instead of scores: Hungarian matching is defined only
-        between sets of equal size, and neither padding nor a best-of subset would be an honest score.
+        Args:
+            server_round: the round.
+            msg: a usable reply: the victim's train reply (``target="update"``), the round's aggregate
+                (:meth:`aggregate_reply`) or the victim's probe reply (``"probe"``).
+            target: recorded as the record's ``target``; a probe's figure is ``attacks/round_NNNN-probe.png``.
+            train_config: what the server sent for ``msg`` (default: the round's train config; the aggregate's has
+                the union's batch size).
+
+        Returns:
+            The attack record: ``round``, ``client``, ``attack``, ``target``, ``time_s``, ``num_images`` (the images
+            the update holds, which the attack reconstructs), ``iterations``, ``objective`` and the attack's extras;
+            when the reply has an audit record also ``psnr``, ``ssim``, ``mse``, ``label_accuracy``, their chance
+            levels ``psnr_chance``, ``ssim_chance``, ``mse_chance``, ``labels``, ``true_labels`` and ``image``. An
+            attack that raises one of the failures it may declare (:class:`attacker.payload.AttackError`: not
+            applicable, budget exhausted) gives a record with ``error`` (``"Type: message"``) and ``error_type``
+            instead of scores, and the run goes on (the summary counts it); any other exception propagates and stops
+            the run. When the defense draws the batches itself (:attr:`attacker.payload.DefenseInfo.own_batches`,
+            e.g. dp-sgd's Poisson batches) and the update holds another number of images than the attack
+            reconstructed (an empty batch included), the record has ``num_images`` (the true count) and
+            ``unscored`` (why) instead of scores: Hungarian matching is defined only between sets of equal size, and
+            neither padding nor a best-of subset would be an honest score. With ``attack-target=both`` an update
+            that holds another number of images than the attack reconstructs (e.g. a one-epoch FedAvg update
+            against iDLG) is not attacked: its record has ``unscored`` (why), and the probe is attacked as usual.
 
         Raises:
             ValueError: the attack would reconstruct another number of images than the update holds (refused before
@@ -360,30 +387,41 @@ class CuriousFedAvg(FedAvg):
         """
         plan = self.spec.attack
         client = reply_partition(msg)
-        payload = self.attack_payload(msg)
         num_examples = int(reply_metrics(msg)[NUM_EXAMPLES])
-        train_config = self._train_config_of(msg)  # the aggregate's batch is the union of the clients' batches
+        if train_config is None:
+            train_config = self._train_config_of(msg)  # the aggregate's batch is the union of the clients' batches
         holds = images_in_update(train_config, num_examples)
-        wants = plan.attack.images(replace(self.spec.task, batch_size=train_config.batch_size), num_examples)
+        task = replace(self.spec.task, batch_size=train_config.batch_size)
+        if target == "probe":  # the probe is one FedSGD step on one image, whatever the run's protocol
+            task = replace(task, mode="fedsgd", batch_size=1)
+        wants = plan.attack.images(task, num_examples)
+        base = {"round": server_round, "client": client, "attack": plan.name, "target": target}
         if wants != holds:
-            raise ValueError(f"attack={plan.name!r} reconstructs {wants} image(s) but the update of client {client} "
-                             f"holds {holds} (mode={self._sent.train_config.mode!r}); an attack must reconstruct as "
-                             "many images as the update holds")
-        self._recorder_call("save_intercepted", server_round, client, self.payload(msg))
+            why = (f"attack={plan.name!r} reconstructs {wants} image(s) but the update of client {client} holds "
+                   f"{holds} (mode={train_config.mode!r}); an attack must reconstruct as many images as the update "
+                   "holds")
+            if target == "update" and "probe" in self.spec.server.targets:
+                log(INFO, "attack round %s client %s (update) not run: %s", server_round, client, why)
+                return {**base, "time_s": 0.0, "num_images": holds, "unscored": f"not attacked: {why}"}
+            raise ValueError(why)
+        self._recorder_call("save_intercepted", server_round, client if target == "update" else f"{client}-{target}",
+                            self.payload(msg, train_config))
+        payload = self.attack_payload(msg, train_config)
         budget = plan.budget_for(self.spec.task.seed, server_round, self.attack_device)
         trace: list[tuple[int, float]] = []
         budget.progress = lambda it, value: trace.append((int(it), float(value)))
+        name = plan.name if target == "update" else f"{plan.name}-{target}"  # arrays and traces, per target
         t0 = time.perf_counter()
         try:
             result = plan.attack.run(payload, budget, plan.options)
         except AttackError as exc:  # a failure the attack declares: counted, the run goes on
-            log(WARNING, "attack round %s client %s failed: %s: %s", server_round, client, type(exc).__name__, exc)
-            self._recorder_call("log_attack_progress", server_round, plan.name, trace)
-            return {"round": server_round, "client": client, "attack": plan.name, "num_images": holds,
-                    "time_s": time.perf_counter() - t0, "error": f"{type(exc).__name__}: {exc}",
-                    "error_type": type(exc).__name__}
-        self._recorder_call("log_attack_progress", server_round, plan.name, trace)
-        record: dict[str, Any] = {"round": server_round, "client": client, "attack": plan.name,
+            log(WARNING, "attack round %s client %s (%s) failed: %s: %s", server_round, client, target,
+                type(exc).__name__, exc)
+            self._recorder_call("log_attack_progress", server_round, name, trace)
+            return {**base, "num_images": holds, "time_s": time.perf_counter() - t0,
+                    "error": f"{type(exc).__name__}: {exc}", "error_type": type(exc).__name__}
+        self._recorder_call("log_attack_progress", server_round, name, trace)
+        record: dict[str, Any] = {**base,
                                   "time_s": result.time_s, "iterations": result.iterations,
                                   "objective": result.objective, **result.extras, "num_images": holds}
         audit = reply_audit(msg)
@@ -400,16 +438,67 @@ class CuriousFedAvg(FedAvg):
             scores = score_reconstruction(self.data, result, audit, self.chance_image)
             truth, rec = scores.pop("truth"), scores.pop("reconstruction")
             labels, true_labels = scores.pop("labels"), scores.pop("true_labels")
-            self._recorder_call("save_attack_arrays", server_round, plan.name, scores.pop("arrays"))
+            self._recorder_call("save_attack_arrays", server_round, name, scores.pop("arrays"))
             record.update(scores)
             record["labels"], record["true_labels"], record["num_images"] = labels, true_labels, len(truth)
             below = " (below chance: nothing recovered)" if scores["psnr"] <= scores["psnr_chance"] else ""
-            title = (f"round {server_round}, client {client}, {plan.name}: "
+            title = (f"round {server_round}, client {client}, {plan.name}"
+                     f"{' on the probe (one image, B = 1)' if target == 'probe' else ''}: "
                      f"PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.3f} (chance "
                      f"{scores['psnr_chance']:.1f} dB, {scores['ssim_chance']:.3f}){below}")
-            record["image"] = self.recorder.save_attack_figure(server_round, truth, rec, title, labels, true_labels)
-        log(INFO, "attack round %s client %s: %s", server_round, client,
+            suffix = {} if target == "update" else {"suffix": f"-{target}"}  # recorders without it: update only
+            record["image"] = self.recorder.save_attack_figure(server_round, truth, rec, title, labels, true_labels,
+                                                               **suffix)
+        log(INFO, "attack round %s client %s (%s): %s", server_round, client, target,
             {k: record.get(k) for k in ("psnr", "psnr_chance", "ssim", "ssim_chance", "label_accuracy", "time_s")})
+        return record
+
+    def run_probe(self, server_round: int, victim: Message) -> dict[str, Any]:
+        """The ``probe`` target: ask the victim for its defended gradient of one image, attack and score that.
+
+        The evaluator picks the image (:func:`strategies.evaluator.probe_index`: the first one the victim's reply
+        names in its audit record); the strategy sends the victim's node a ``query.probe`` message
+        (:func:`fl_sim.task.contract.probe_request`: the round's global arrays, FedSGD with B = 1 at this round's
+        lr, the image's index) through the round's Grid and waits up to ``round-timeout``. The reply is validated
+        like a train reply (:func:`strategies.faults.check_reply`) and attacked with the probe's train config
+        (:meth:`run_attack`). It is an audit of the worst case a client sending one image's gradient would face
+        (the GradDefense talk's protocol): it is never aggregated, and the client answers it on a copy of its
+        state.
+
+        Returns:
+            The attack record (``target="probe"``, plus ``probe_time_s``: the round trip), or a record with
+            ``error`` when there is no image to probe, no Grid (the one-shot audit), or no usable reply.
+        """
+        plan = self.spec.attack
+        client = reply_partition(victim)
+        base = {"round": server_round, "client": client, "attack": plan.name, "target": "probe", "time_s": 0.0}
+        index = probe_index(reply_audit(victim))
+        node = next((n for n, p in self._sent.nodes.items() if str(p) == client), None)
+        if index is None or self._grid is None or node is None:
+            why = ("the victim's reply names no image in its audit record" if index is None else
+                   "no Grid to send the query.probe message (the one-shot audit has none)" if self._grid is None
+                   else f"client {client} has no node this round")
+            log(WARNING, "probe round %s client %s not run: %s", server_round, client, why)
+            return {**base, "error": f"probe not run: {why}"}
+        tc = probe_train_config(self._sent.train_config.lr, server_round)
+        content = probe_request(ArrayRecord({k: v.clone() for k, v in self._sent.state.items()}), tc, index)
+        t0 = time.perf_counter()
+        replies = list(self._grid.send_and_receive([Message(content, dst_node_id=node, message_type=PROBE)],
+                                                   timeout=self.spec.server.round_timeout))
+        probe_s = time.perf_counter() - t0
+        reply = replies[0] if replies else None
+        if reply is None:
+            reason = f"no reply within round-timeout={self.spec.server.round_timeout:g} s"
+        else:
+            reason = check_reply(reply, self._sent.expected, len(self.data.y_train), self.arrayrecord_key,
+                                 self.weighted_by_key, (*STANDARD_METRICS, *self.spec.defense.metrics))
+            if reason is None and reply_partition(reply) != client:
+                reason = f"reply claims partition {reply_partition(reply)}, but the probe went to client {client}"
+        if reason is not None:
+            log(WARNING, "probe round %s client %s failed: %s", server_round, client, reason)
+            return {**base, "probe_time_s": probe_s, "error": f"probe failed: {reason}"}
+        record = self.run_attack(server_round, reply, target="probe", train_config=tc)
+        record["probe_time_s"] = probe_s
         return record
 
     # -- central evaluation, end of round ------------------------------------------------------------------------

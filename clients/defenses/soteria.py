@@ -25,6 +25,12 @@ Parameters (run-config keys):
     ``defense-soteria-eps`` (0.1): ``ε`` in the score's denominator (0.1 in the GS code and GradDefense's PoC; 0
     in the DLG notebook).
     ``defense-soteria-signed`` (false): divide by the signed ``r`` as the public code does.
+    ``defense-soteria-every`` (1): recompute the feature mask every N local steps of a round (1 = every step, as
+    above; 0 = once per round, on its first batch); the steps in between apply the last mask computed in this round.
+    A deviation for multi-step local training only (the paper and its code defend one gradient): the mask costs
+    ~400 training steps at B = 32 on LeNet, so a converged FedAvg run (hundreds of steps per round) is out of reach
+    with a mask per step; the first step of every round — and a FedSGD update, or a probe, which are one step —
+    always gets its own mask.
 
 What the server must know: nothing (plain FedAvg).
 
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,16 +62,21 @@ KEYS = {
     "defense-soteria-rate": Key(70.0, "soteria: percent of the FC layer's input features pruned", low=0, high=100),
     "defense-soteria-eps": Key(0.1, "soteria: epsilon in the score's denominator ||dr/dx|| / (r + eps)", low=0),
     "defense-soteria-signed": Key(False, "soteria: divide by the signed r as the public code does (default |r|)"),
+    "defense-soteria-every": Key(1, "soteria: recompute the feature mask every N local steps of a round (1 = every "
+                                    "step; 0 = once per round, on its first batch; the steps between reuse it)",
+                                 low=0),
 }
 
 
 @dataclass(frozen=True)
 class Params:
-    """Soteria's parameters: ``rate`` (percent of features pruned), ``eps``, ``signed`` (see the module docstring)."""
+    """Soteria's parameters: ``rate`` (percent of features pruned), ``eps``, ``signed``, ``every`` (see the module
+    docstring)."""
 
     rate: float
     eps: float
     signed: bool
+    every: int = 1
 
 #: Features per backward pass at most.
 CHUNK = 128
@@ -610,11 +622,26 @@ def defended_index(model: nn.Module) -> int:
     return next(i for i, p in enumerate(model.parameters()) if p is fc.weight)
 
 
+#: The mask last computed for a model during its round (``defense-soteria-every`` != 1); a round's model object lives
+#: for that round only, so an entry never outlives it (and never reaches ``Context.state`` or a message).
+_ROUND_MASKS: weakref.WeakKeyDictionary[nn.Module, torch.Tensor] = weakref.WeakKeyDictionary()
+
+
+def _fresh_mask(p: Params, step: int) -> bool:
+    """Whether local step ``step`` (0-based) computes its own mask under ``every`` (step 0 always does)."""
+    return step == 0 or (p.every > 0 and step % p.every == 0)
+
+
 def apply(grads: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
-    """Mask the columns of the classifier weight's gradient by Soteria's feature scores on this step's batch."""
+    """Mask the columns of the classifier weight's gradient by Soteria's feature scores on this step's batch (or, with
+    ``defense-soteria-every`` != 1 between recomputations, by the mask last computed in this round)."""
     p: Params = ctx.params
-    norms, r = jacobian_norms(ctx.model, ctx.x)
-    mask = feature_mask(scores(norms, r, p.eps, p.signed), p.rate)
+    mask = None if _fresh_mask(p, ctx.step) else _ROUND_MASKS.get(ctx.model)
+    if mask is None:
+        norms, r = jacobian_norms(ctx.model, ctx.x)
+        mask = feature_mask(scores(norms, r, p.eps, p.signed), p.rate)
+        if p.every != 1:
+            _ROUND_MASKS[ctx.model] = mask
     i = defended_index(ctx.model)
     out = list(grads)
     out[i] = grads[i] * mask.to(grads[i].dtype)[None, :]

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from fl_sim.sweep.table import label_of, order
+from fl_sim.sweep.table import cell_targets, label_of, order, target_means
 
 def _crop_white(img: Any, pad: int = 4) -> Any:
     """An RGB(A) float image without its near-white margins (keeps ``pad`` pixels)."""
@@ -31,7 +31,8 @@ def sweep_figures(cells: list[dict[str, Any]], settings: dict[str, Any], sweep_d
       defense): the mean over its cells (seeds, attacks), shaded between their min and max.
     * ``privacy-utility.png``: one point per cell, final accuracy (%) against mean attack PSNR (dB); colour = last
       column axis, marker = first panel axis (the attack); one subplot per GROUP; a dashed line at the cells' mean
-      chance PSNR (the training mean image: below it nothing was recovered).
+      chance PSNR (the training mean image: below it nothing was recovered). With attacks on both targets
+      (``attack-target``), one point per cell and target: filled = the update, hollow = the probe.
     * ``montage[-GROUP].png``: rows = labels of the last column axis, columns = labels of the first panel axis;
       each panel is the first attacked round's figure (truth above reconstruction) of the cell with the smallest
       averaged-axis labels (the first seed).
@@ -91,18 +92,28 @@ def sweep_figures(cells: list[dict[str, Any]], settings: dict[str, Any], sweep_d
         plt.close(fig)
         paths.append(path)
 
+    targets = cell_targets(cells)
+    by_target = len(targets) > 1 or targets == ["probe"]
     fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4), squeeze=False)
     for ax, g in zip(axes[0], groups):
         chance = []
         for c in cells:
-            means = c["summary"].get("attack_means") or {}
-            psnr, acc = means.get("psnr"), c["summary"].get("final_accuracy")
-            if not in_group(c, g) or psnr is None or acc is None:
+            acc = c["summary"].get("final_accuracy")
+            if not in_group(c, g) or acc is None:
                 continue
-            if means.get("psnr_chance") is not None:
-                chance.append(means["psnr_chance"])
-            ax.scatter(acc * 100, psnr, color=colours[label_of(c, line_name)], edgecolor="black", linewidth=0.4,
-                       marker=shapes[label_of(c, marker_name)] if marker_name else "o", s=36)
+            summary = c["summary"]
+            points = ([(t, target_means(summary, t)) for t in targets] if by_target else
+                      [("update", summary.get("attack_means") or {})])
+            for target, means in points:
+                psnr = means.get("psnr")
+                if psnr is None:
+                    continue
+                if means.get("psnr_chance") is not None:
+                    chance.append(means["psnr_chance"])
+                colour = colours[label_of(c, line_name)]
+                ax.scatter(acc * 100, psnr, color=colour if target == "update" else "none", edgecolor=(
+                    "black" if target == "update" else colour), linewidth=0.4 if target == "update" else 1.2,
+                    marker=shapes[label_of(c, marker_name)] if marker_name else "o", s=36)
         if chance:  # below this line an attack recovered nothing (the training mean image scores as well)
             ax.axhline(float(np.mean(chance)), color="grey", linestyle="--", linewidth=0.8)
             ax.text(0.01, float(np.mean(chance)), " chance (mean image)", transform=ax.get_yaxis_transform(),
@@ -114,9 +125,13 @@ def sweep_figures(cells: list[dict[str, Any]], settings: dict[str, Any], sweep_d
     if marker_name:
         handles += [plt.Line2D([], [], color="grey", marker=shapes[k], linestyle="", label=f"{marker_name}={k}")
                     for (k,) in markers_order]
+    if by_target:
+        handles += [plt.Line2D([], [], color="grey", marker="o", linestyle="", label="target: update"),
+                    plt.Line2D([], [], markerfacecolor="none", markeredgecolor="grey", marker="o", linestyle="",
+                               label="target: probe (one image)")]
     if handles:
         axes[0][-1].legend(handles=handles, fontsize=7, loc="best")
-    fig.suptitle("privacy–utility: one point per cell", fontsize=10)
+    fig.suptitle("privacy–utility: one point per cell" + (" and target" if by_target else ""), fontsize=10)
     fig.tight_layout()
     path = sweep_dir / "privacy-utility.png"
     fig.savefig(path, dpi=100)
@@ -162,3 +177,65 @@ def sweep_figures(cells: list[dict[str, Any]], settings: dict[str, Any], sweep_d
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _value_text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def frontier_figure(front: dict[str, Any], path: Path) -> Path | None:
+    """Draw each defense's privacy–utility frontier (:func:`fl_sim.sweep.table.frontier`) to ``path``.
+
+    One row of panels per panel key (e.g. the attack), one column per target (``update``, ``probe``): final test
+    accuracy (%) against the mean attack PSNR (dB), one line per series (a defense with one key swept, its points in
+    strength order, each labelled with the key's value), ``none`` as a black star, and the mean chance PSNR of the
+    panel's attacks (``psnr_chance``: the training mean image's score; at or below it nothing was recovered) as a
+    dashed line. Returns ``None`` (and draws nothing) when there is no series.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [p for p in front["panels"] if p["series"]]
+    if not panels:
+        return None
+    targets = front["targets"]
+    fig, axes = plt.subplots(len(panels), len(targets), figsize=(6.0 * len(targets), 4.6 * len(panels)),
+                             squeeze=False)
+    names = sorted({f"{s['defense']}: {s['key']}" for p in panels for s in p["series"]})
+    colours = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
+    for row, panel in zip(axes, panels):
+        for ax, t in zip(row, targets):
+            chance = [pt["chance"][t] for s in panel["series"] for pt in s["points"] if pt["chance"][t] is not None]
+            for s in panel["series"]:
+                pts = [pt for pt in s["points"] if pt["acc"][0] is not None and pt["psnr"][t][0] is not None]
+                if not pts:
+                    continue
+                name = f"{s['defense']}: {s['key']}"
+                xs, ys = [pt["acc"][0] for pt in pts], [pt["psnr"][t][0] for pt in pts]
+                ax.plot(xs, ys, marker="o", markersize=4, color=colours[name], label=name, linewidth=1.2)
+                for x, y, pt in zip(xs, ys, pts):
+                    ax.annotate(_value_text(pt["value"]), (x, y), textcoords="offset points", xytext=(3, 3),
+                                fontsize=6, color=colours[name])
+            none = panel["none"]
+            if none and none["acc"][0] is not None and none["psnr"][t][0] is not None:
+                ax.scatter([none["acc"][0]], [none["psnr"][t][0]], marker="*", s=110, color="black", zorder=5,
+                           label="none")
+            if chance:
+                level = float(np.mean(chance))
+                ax.axhline(level, color="grey", linestyle="--", linewidth=0.9)
+                ax.text(0.01, level, " chance (training mean image)", transform=ax.get_yaxis_transform(),
+                        va="bottom", ha="left", fontsize=7, color="grey")
+            ax.set_xlabel("final test accuracy (%)  → more useful")
+            ax.set_ylabel(f"mean attack PSNR on the {t} (dB)  → less private")
+            where = ", ".join(f"{a} = {k}" for a, k in zip(front["panel_axes"], panel["key"]))
+            ax.set_title(f"target: {t}" + (" (one image, B = 1: worst-case audit)" if t == "probe" else "")
+                         + (f" — {where}" if where else ""), fontsize=9)
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle("privacy–utility frontier: each defense's strength swept", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -5,9 +5,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from fl_sim.sweep.figures import sweep_figures
-from fl_sim.sweep.table import (BELOW_CHANCE, SWEEP_ROWS, _cell_text, _sweep_settings, load_sweep_cells,
-                                sweep_table)
+from typing import Any
+
+from fl_sim.sweep.figures import frontier_figure, sweep_figures
+from fl_sim.sweep.table import BELOW_CHANCE, _cell_text, _sweep_settings, frontier, load_sweep_cells, sweep_table
 
 
 def is_sweep_dir(path: str | Path) -> bool:
@@ -24,7 +25,10 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
     SSIM chance, ACC, ART as means, then their sample std, the count n of cells, and the attacks that succeeded and
     ran; ACC and ART in %), and
     ``accuracy[-GROUP].png``, ``privacy-utility.png``, ``montage[-GROUP].png`` (GROUP: the labels of every column
-    axis but the last, e.g. the dataset). Unfinished cells are left out (their number is stated).
+    axis but the last, e.g. the dataset). Unfinished cells are left out (their number is stated). With attacks on
+    both targets (``attack-target``) the PSNR and SSIM rows come once per target. When some defense ran at several
+    strengths (a frontier sweep), also ``frontier.md``, ``frontier.csv`` and ``frontier.png``
+    (:func:`write_frontier`).
 
     Returns:
         The path of ``table.md``.
@@ -54,7 +58,7 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
     for panel in table["panels"]:
         title = ", ".join(f"{a} = {k}" for a, k in zip(table["panel_axes"], panel["key"])) or "all cells"
         lines += [f"## {title}", "", "| | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
-        for row, _ in SWEEP_ROWS:
+        for row, _ in table["rows"]:
             chance = panel["rows"].get(f"{row} chance", [None] * len(baseline_col))
             lines.append(f"| {row} | " + " | ".join(
                 _cell_text(row, s, b, c) for s, b, c in zip(panel["rows"][row], baseline_col, chance)) + " |")
@@ -62,15 +66,20 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
             lines.append("| attacks succeeded | " + " | ".join(f"{ok} of {run}" for ok, run in panel["attacks"])
                          + " |")
         lines.append("")
-    lines += ["Rows: " + "; ".join(f"**{r}** {what}" for r, what in SWEEP_ROWS) + f". {BELOW_CHANCE} marks a PSNR "
-              "or SSIM at or below its chance level: nothing recovered. Means are over the attacks that succeeded; "
-              "table.csv counts them (rows attacks succeeded, attacks), and a row here shows them when some failed."]
+    lines += ["Rows: " + "; ".join(f"**{r}** {what}" for r, what in table["rows"]) + f". {BELOW_CHANCE} marks a "
+              "PSNR or SSIM at or below its chance level: nothing recovered. Means are over the attacks that "
+              "succeeded; table.csv counts them (rows attacks succeeded, attacks), and a row here shows them when "
+              "some failed."]
     if base:
         lines.append(f"ART's baseline: the cells with {base[0]} = {base[1]} (\"ref\"); round 1 (worker start-up) "
                      "is left out of the round times. Round times measured while other work shares the machine "
                      "are indicative only.")
     else:
         lines.append("ART: no baseline (sweep.baseline, default defense = none) in this sweep.")
+    front = write_frontier(sweep_dir, cells, settings)
+    if front is not None:
+        lines += ["", f"Each defense's strength was swept: the frontier (figure and the strength at which the attack "
+                      f"falls to the chance level) is in [{front.name}]({front.name})."]
     lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]
     path = sweep_dir / "table.md"
     path.write_text("\n".join(lines))
@@ -80,10 +89,93 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
         w.writerow([*table["panel_axes"], "metric", *["/".join(k) for k in table["column_keys"]]])
         for panel in table["panels"]:
             for which, pos in (("", 0), (" std", 1)):
-                for row, _ in SWEEP_ROWS:
+                for row, _ in table["rows"]:
                     w.writerow([*panel["key"], row + which, *[
                         "" if s[pos] is None else f"{s[pos]:.6g}" for s in panel["rows"][row]]])
-            w.writerow([*panel["key"], "n", *[s[2] for s in panel["rows"]["PSNR"]]])
+            w.writerow([*panel["key"], "n", *[s[2] for s in panel["rows"][table["rows"][0][0]]]])
             w.writerow([*panel["key"], "attacks succeeded", *[ok for ok, _ in panel["attacks"]]])
             w.writerow([*panel["key"], "attacks", *[run for _, run in panel["attacks"]]])
     return path
+
+
+def _num(x: Any, spec: str = ".2f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def _stat_text(stat: tuple[float | None, float | None, int], spec: str = ".2f") -> str:
+    mean, std, _ = stat
+    return "–" if mean is None else _num(mean, spec) + ("" if std is None else f" ± {std:{spec}}")
+
+
+def write_frontier(sweep_dir: Path, cells: list[dict[str, Any]], settings: dict[str, Any]) -> Path | None:
+    """Write ``frontier.md``, ``frontier.csv`` and ``frontier.png`` (:func:`fl_sim.sweep.table.frontier`) when some
+    defense ran at more than one strength; return ``frontier.md``'s path, or ``None`` (nothing written).
+
+    ``frontier.md``: the figure, then per panel (e.g. the attack) one row per series — the defense, the swept key,
+    its values, and for each target the first (weakest) value at which the mean attack PSNR is at or below the mean
+    chance PSNR, the PSNR and chance level there, the accuracy there and its cost against ``none`` (points) — then
+    every point. ``frontier.csv``: one row per point with the same numbers.
+    """
+    front = frontier(cells, settings)
+    if not any(p["series"] for p in front["panels"]):
+        return None
+    figure = frontier_figure(front, sweep_dir / "frontier.png")
+    targets = front["targets"]
+    lines = [f"# Frontier of sweep `{sweep_dir.name}`", "",
+             "Each defense's strength swept, listed from the weakest setting to the strongest; "
+             "PSNR is the mean over a cell's attacks on a target, then mean ± sample std over the averaged axes; "
+             "*chance* is the mean PSNR of the training mean image against the same true images "
+             "(`psnr_chance` in the attack records): at or below it the attack recovered nothing. The `probe` "
+             "target is an audit of the worst case a client sending one image's gradient would face.", ""]
+    if figure is not None:
+        lines += [f"![frontier]({figure.name})", ""]
+    rows = []
+    for panel in front["panels"]:
+        if not panel["series"]:
+            continue
+        where = ", ".join(f"{a} = {k}" for a, k in zip(front["panel_axes"], panel["key"])) or "all cells"
+        none = panel["none"]
+        ref = f"none: ACC {_stat_text(none['acc'])}%" + "".join(
+            f", PSNR {t} {_stat_text(none['psnr'][t])} dB" for t in targets) if none else "no `none` cell"
+        lines += [f"## {where}", "", ref + ".", ""]
+        head = ["defense", "key", "values"]
+        for t in targets:
+            head += [f"{t}: at chance from", f"{t}: PSNR / chance (dB)", f"{t}: ACC there (%)",
+                     f"{t}: cost (points)"]
+        lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        for s in panel["series"]:
+            cells_row = [s["defense"], f"`{s['key']}`", ", ".join(_value(p["value"]) for p in s["points"])]
+            for t in targets:
+                hit = s["reached"][t]
+                if hit is None:
+                    last = s["points"][-1]
+                    why = ("no chance level recorded" if last["chance"][t] is None else
+                           f"not reached (strongest: {_num(last['psnr'][t][0])} / {_num(last['chance'][t])})")
+                    cells_row += [why, "–", "–", "–"]
+                else:
+                    cells_row += [_value(hit["value"]), f"{_num(hit['psnr'])} / {_num(hit['chance'])}",
+                                  _num(hit["acc"]), _num(hit["cost"])]
+            lines.append("| " + " | ".join(cells_row) + " |")
+        lines += ["", "| defense | key | value | ACC (%) | " + " | ".join(
+            f"PSNR {t} (dB) | chance {t}" for t in targets) + " |", "|---" * (4 + 2 * len(targets)) + "|"]
+        for s in panel["series"]:
+            for p in s["points"]:
+                lines.append(f"| {s['defense']} | `{s['key']}` | {_value(p['value'])} | {_stat_text(p['acc'])} | "
+                             + " | ".join(f"{_stat_text(p['psnr'][t])} | {_num(p['chance'][t])}" for t in targets)
+                             + " |")
+                rows.append([*panel["key"], s["defense"], s["key"], _value(p["value"]), *p["acc"],
+                             *[x for t in targets for x in (*p["psnr"][t], p["chance"][t])]])
+        lines.append("")
+    path = sweep_dir / "frontier.md"
+    path.write_text("\n".join(lines))
+    with open(sweep_dir / "frontier.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*front["panel_axes"], "defense", "key", "value", "acc", "acc std", "n",
+                    *[c for t in targets for c in (f"psnr {t}", f"psnr {t} std", f"n {t}", f"chance {t}")]])
+        for r in rows:
+            w.writerow(["" if x is None else (f"{x:.6g}" if isinstance(x, float) else x) for x in r])
+    return path
+
+
+def _value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from fl_sim.results import read_metrics
+from clients.defenses import DEFENSES
+from fl_sim.results import attack_target, read_metrics
 
 # --- sweeps: seed 001's table and the figures over cells ----------------------------------------------------------
 #: The rows of seed 001's table, in its order, with the chance level under each score: (name, what it is).
@@ -23,6 +24,50 @@ SWEEP_ROWS = (
     ("ACC", "final test accuracy (%)"),
     ("ART", "average round time over the baseline's with the other axes equal, minus 1 (%)"),
 )
+
+#: The attack targets (``attack-target``) in the order the tables list them: the intercepted update, the probe.
+TARGETS = ("update", "probe")
+_TARGET_HELP = {"update": "the victim's intercepted update", "probe": "the probe: the victim's defended one-image "
+                "gradient (B = 1), an audit of the worst case"}
+
+
+def _target_rank(target: str) -> tuple[int, str]:
+    return (TARGETS.index(target) if target in TARGETS else len(TARGETS), target)
+
+
+def cell_targets(cells: list[dict[str, Any]]) -> list[str]:
+    """The attack targets found in the cells' attack records, in :data:`TARGETS` order (a record without ``target``
+    attacked the update)."""
+    found = {attack_target(a) for c in cells for a in c["summary"].get("attacks") or []}
+    return sorted(found, key=_target_rank)
+
+
+def sweep_rows(cells: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The table's rows for these cells: seed 001's :data:`SWEEP_ROWS` when every attack targeted the update (as
+    before targets existed), else PSNR and SSIM once per target, each with its chance row (``PSNR update``,
+    ``PSNR update chance``, ``PSNR probe``, ``PSNR probe chance``, then the same for SSIM), then ACC and ART."""
+    targets = cell_targets(cells)
+    if targets in ([], ["update"]):
+        return list(SWEEP_ROWS)
+    rows = []
+    for metric in ("PSNR", "SSIM"):
+        what = dict(SWEEP_ROWS)[metric]
+        for t in targets:
+            rows.append((f"{metric} {t}", what.replace("attacks", "attacks on " + _TARGET_HELP.get(t, t))))
+            rows.append((f"{metric} {t} chance", f"the same for the training split's mean image ({t})"))
+    return rows + [r for r in SWEEP_ROWS if r[0] in ("ACC", "ART")]
+
+
+def target_means(summary: dict[str, Any], target: str) -> dict[str, float | None]:
+    """The mean ``psnr``, ``ssim``, ``mse``, ``label_accuracy`` and the chance levels ``psnr_chance``,
+    ``ssim_chance``, ``mse_chance`` of a cell's attacks on ``target`` (from ``summary.json``'s attack records;
+    unscored attacks and errors left out), ``None`` where there are none."""
+    mine = [a for a in summary.get("attacks") or [] if attack_target(a) == target]
+    out: dict[str, float | None] = {}
+    for k in ("psnr", "ssim", "mse", "label_accuracy", "psnr_chance", "ssim_chance", "mse_chance"):
+        xs = [a[k] for a in mine if isinstance(a.get(k), (int, float))]
+        out[k] = float(np.mean(xs)) if xs else None
+    return out
 
 
 def art_round_time(records: list[dict[str, Any]]) -> float | None:
@@ -141,7 +186,8 @@ def sweep_table(cells: list[dict[str, Any]], settings: dict[str, Any]) -> dict[s
     that are neither columns nor averaged (e.g. the attack: seed 001's [A] DGA and [B] GIA); each entry is the
     mean ± sample std, over the cells that differ only in the ``average`` axes (seeds), of:
 
-    * PSNR, SSIM: the cell's ``summary.json`` ``attack_means`` (mean over its attacks);
+    * PSNR, SSIM: the cell's ``summary.json`` ``attack_means`` (mean over its attacks); with attacks on more than
+      the update (``attack-target``), one row per target (:func:`sweep_rows`, :func:`target_means`);
     * ACC: ``final_accuracy`` × 100;
     * ART: ``(t / t_base − 1) × 100`` with ``t`` = :func:`art_round_time` and ``t_base`` the same for the cell
       whose baseline axis holds the baseline label and whose other axis labels are all equal (same seed too).
@@ -151,7 +197,7 @@ def sweep_table(cells: list[dict[str, Any]], settings: dict[str, Any]) -> dict[s
     Returns:
         ``{"columns": [names], "column_keys": [label tuples], "panel_axes": [names], "panels": [{"key": label
         tuple, "rows": {row: [(mean, std, n) per column]}, "attacks": [(succeeded, run) per column]}],
-        "baseline": (axis, label) | None}``.
+        "baseline": (axis, label) | None, "rows": [(row, what)] in order (:func:`sweep_rows`)}``.
     """
     names = [a["name"] for a in settings["axes"]]
     columns = list(settings["columns"])
@@ -168,28 +214,37 @@ def sweep_table(cells: list[dict[str, Any]], settings: dict[str, Any]) -> dict[s
             return None
         return (cell["round_time_s"] / ref["round_time_s"] - 1.0) * 100.0
 
+    row_list = sweep_rows(cells)
+
     def metrics(cell: dict[str, Any]) -> dict[str, float | None]:
         means = cell["summary"].get("attack_means") or {}
         acc = cell["summary"].get("final_accuracy")
-        return {"PSNR": means.get("psnr"), "PSNR chance": means.get("psnr_chance"), "SSIM": means.get("ssim"),
-                "SSIM chance": means.get("ssim_chance"), "ACC": None if acc is None else acc * 100.0,
-                "ART": art(cell)}
+        out = {"ACC": None if acc is None else acc * 100.0, "ART": art(cell)}
+        for row, _ in row_list:
+            words = row.split()
+            if words[0] not in ("PSNR", "SSIM"):
+                continue
+            key = words[0].lower() + ("_chance" if words[-1] == "chance" else "")
+            target = words[1] if len(words) > 1 and words[1] != "chance" else None
+            # "PSNR probe (chance)": the mean over the cell's attacks on that target; "PSNR (chance)": attack_means
+            out[row] = target_means(cell["summary"], target)[key] if target else means.get(key)
+        return out
 
     column_keys = order(cells, columns, settings, complete=True)
     panels = []
     for pkey in order(cells, panel_axes, settings, complete=True):
         in_panel = [c for c in cells if tuple(label_of(c, a) for a in panel_axes) == pkey]
-        rows: dict[str, list[tuple[float | None, float | None, int]]] = {r: [] for r, _ in SWEEP_ROWS}
+        rows: dict[str, list[tuple[float | None, float | None, int]]] = {r: [] for r, _ in row_list}
         attacks: list[tuple[int, int]] = []
         for ckey in column_keys:
             cols = [c for c in in_panel if tuple(label_of(c, n) for n in columns) == ckey]
             group = [metrics(c) for c in cols]
-            for r, _ in SWEEP_ROWS:
+            for r, _ in row_list:
                 rows[r].append(_stats([m[r] for m in group]))
             attacks.append(attack_counts(cols))
         panels.append({"key": pkey, "rows": rows, "attacks": attacks})
     return {"columns": columns, "column_keys": column_keys, "panel_axes": panel_axes, "panels": panels,
-            "average": average, "baseline": baseline}
+            "average": average, "baseline": baseline, "rows": row_list}
 
 
 #: Appended to a PSNR or SSIM entry whose mean is at or below its chance level's mean: nothing recovered.
@@ -205,7 +260,7 @@ def _cell_text(row: str, stat: tuple[float | None, float | None, int], is_baseli
         return "ref"
     if mean is None:
         return "–"
-    kind = row.split()[0]
+    kind = row.split()[0]  # "PSNR probe", "PSNR chance" are formatted as PSNR
     fmt = {"PSNR": lambda x: f"{x:.2f}", "SSIM": lambda x: f"{x:.1e}", "ACC": lambda x: f"{x:.2f}%",
            "ART": lambda x: f"{x:+.2f}%"}[kind]
     text = fmt(mean)
@@ -214,3 +269,139 @@ def _cell_text(row: str, stat: tuple[float | None, float | None, int], is_baseli
     if chance is not None and chance[0] is not None and mean <= chance[0]:
         text += f" {BELOW_CHANCE}"
     return text
+
+
+# --- the privacy–utility frontier: each defense's strength swept ---------------------------------------------------
+def _strength_keys(defense: str) -> list[str]:
+    """The run keys that set ``defense``'s strength: the keys its module declares (none for an unknown name)."""
+    return list(DEFENSES[defense].keys) if defense in DEFENSES else []
+
+
+def _mode(values: list[Any]) -> Any:
+    """The most common value (ties: the first seen)."""
+    counts: dict[Any, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return max(counts, key=lambda v: (counts[v], -values.index(v)))
+
+
+def frontier_series(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The strength series of a sweep: per defense (``cfg["defense"]``, ``none`` aside) and per key of that defense
+    that takes more than one value among its cells, the cells whose other varying keys of that defense sit at their
+    most common value (so GradDefense's σ series holds M fixed and its M series σ fixed).
+
+    Returns:
+        ``[{"defense": name, "key": run key, "cells": [cell dicts]}]`` in order of first appearance; empty when no
+        defense was run at more than one strength (e.g. seed 001's table).
+    """
+    by_defense: dict[str, list[dict[str, Any]]] = {}
+    for c in cells:
+        by_defense.setdefault(str(c["cfg"].get("defense", "none")), []).append(c)
+    series = []
+    for defense, mine in by_defense.items():
+        if defense == "none":
+            continue
+        varying = [k for k in _strength_keys(defense) if len({repr(c["cfg"].get(k)) for c in mine}) > 1]
+        for key in varying:
+            fixed = {o: _mode([c["cfg"].get(o) for c in mine]) for o in varying if o != key}
+            members = [c for c in mine if all(c["cfg"].get(o) == v for o, v in fixed.items())]
+            if len({repr(c["cfg"].get(key)) for c in members}) > 1:
+                series.append({"defense": defense, "key": key, "cells": members})
+    return series
+
+
+def _strength_axis(cells: list[dict[str, Any]], key: str) -> str | None:
+    """The axis whose label determines ``key``'s value in ``cells`` (the axis that sets the strength)."""
+    for axis in (cells[0]["axes"] if cells else []):
+        seen: dict[str, Any] = {}
+        if all(seen.setdefault(c["labels"].get(axis, ""), repr(c["cfg"].get(key))) == repr(c["cfg"].get(key))
+               for c in cells) and len(seen) > 1:
+            return axis
+    return None
+
+
+#: Strength keys whose larger values protect *less* (a frontier lists them from the largest value down).
+WEAKER_WHEN_LARGER = frozenset({"defense-dp-epsilon", "defense-dp-delta", "defense-dp-clip"})
+
+
+def strength_order(key: str, values: list[Any]) -> list[Any]:
+    """The distinct ``values`` of ``key`` from the weakest defense to the strongest: numbers ascending (descending for
+    :data:`WEAKER_WHEN_LARGER`: privacy budgets, clipping bounds), other values (e.g. a quantisation format) in the
+    order given (the sweep file's)."""
+    distinct = list(dict.fromkeys(values))
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in distinct):
+        return sorted(distinct, reverse=key in WEAKER_WHEN_LARGER)
+    return distinct
+
+
+def frontier(cells: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
+    """Each defense's privacy–utility frontier over a sweep's finished cells (``sweeps/frontier-fmnist.toml``).
+
+    A *series* is one defense with one of its keys swept (:func:`frontier_series`); its *points* are the key's values
+    from the weakest defense to the strongest (:func:`strength_order`). A *panel* is one label tuple of the axes that
+    neither set a strength nor are averaged (e.g. the attack). Per point and target (``update``, ``probe``): the mean ± sample std over the averaged axes (seeds) of the
+    cell's mean attack PSNR on that target (:func:`target_means`), the mean chance PSNR of those attacks
+    (``psnr_chance`` in the attack records, the training mean image's PSNR; ``None`` when not recorded), and the
+    final accuracy (%). ``none`` cells give the panel's reference accuracy and PSNR.
+
+    For each series and target, ``reached`` is the first point (weakest strength) whose mean PSNR is at or below its
+    mean chance PSNR — where the attack recovers no more than the training mean image — with the accuracy it costs
+    there (``none``'s accuracy minus the point's, in points); ``None`` if no point gets there (or no chance level
+    was recorded).
+
+    Returns:
+        ``{"targets": [...], "panel_axes": [...], "panels": [{"key": labels, "none": {"acc": stat, "psnr":
+        {target: stat}}, "series": [{"defense", "key", "axis", "points": [{"value", "acc": stat, "psnr": {target:
+        stat}, "chance": {target: float | None}}], "reached": {target: {"value", "psnr", "chance", "acc",
+        "cost"} | None}}]}]}``, a stat being ``(mean, std, n)``.
+    """
+    names = [a["name"] for a in settings["axes"]]
+    average = [a for a in settings.get("average", []) if a in names]
+    targets = cell_targets(cells) or ["update"]
+    series = frontier_series(cells)
+    strength_axes = {_strength_axis(s["cells"], s["key"]) for s in series} - {None}
+    panel_axes = [a for a in names if a not in average and a not in strength_axes]
+
+    def panel_of(c: dict[str, Any]) -> tuple[str, ...]:
+        return tuple(label_of(c, a) for a in panel_axes)
+
+    def point(group: list[dict[str, Any]]) -> dict[str, Any]:
+        accs = [None if c["summary"].get("final_accuracy") is None else c["summary"]["final_accuracy"] * 100
+                for c in group]
+        psnr, chance = {}, {}
+        for t in targets:
+            psnr[t] = _stats([target_means(c["summary"], t)["psnr"] for c in group])
+            xs = [a["psnr_chance"] for c in group for a in c["summary"].get("attacks") or []
+                  if attack_target(a) == t and isinstance(a.get("psnr_chance"), (int, float))]
+            chance[t] = float(np.mean(xs)) if xs else None
+        return {"acc": _stats(accs), "psnr": psnr, "chance": chance}
+
+    panels = []
+    for pkey in order(cells, panel_axes, settings):
+        in_panel = [c for c in cells if panel_of(c) == pkey]
+        base = [c for c in in_panel if str(c["cfg"].get("defense")) == "none"]
+        none = point(base) if base else None
+        out_series = []
+        for s in series:
+            mine = [c for c in s["cells"] if panel_of(c) == pkey]
+            if not mine:
+                continue
+            axis = _strength_axis(s["cells"], s["key"])
+            values = strength_order(s["key"], [c["cfg"].get(s["key"]) for c in
+                                               sorted(mine, key=lambda c: c["index"].get(axis, 0) if axis else 0)])
+            points = [{"value": v, **point([c for c in mine if c["cfg"].get(s["key"]) == v])} for v in values]
+            reached: dict[str, Any] = {}
+            for t in targets:
+                hit = next((p for p in points if p["psnr"][t][0] is not None and p["chance"][t] is not None
+                            and p["psnr"][t][0] <= p["chance"][t]), None)
+                if hit is None:
+                    reached[t] = None
+                    continue
+                ref = none["acc"][0] if none else None
+                acc = hit["acc"][0]
+                reached[t] = {"value": hit["value"], "psnr": hit["psnr"][t][0], "chance": hit["chance"][t],
+                              "acc": acc, "cost": None if ref is None or acc is None else ref - acc}
+            out_series.append({"defense": s["defense"], "key": s["key"], "axis": axis, "points": points,
+                               "reached": reached})
+        panels.append({"key": pkey, "none": none, "series": out_series})
+    return {"targets": targets, "panel_axes": panel_axes, "panels": panels}

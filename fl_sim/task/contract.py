@@ -10,6 +10,12 @@ What travels in a round (Flower's Message API):
   and, when ``audit=true``, a ConfigRecord :data:`AUDIT` (the indices of the samples used) that the server hands
   only to the evaluator, never to the attacker.
 * ``query.whoami`` (:data:`WHOAMI`): answered with the node's partition id and partition count.
+* ``query.probe`` (:data:`PROBE`, the ``attack-target=probe`` audit): the server sends the global arrays
+  :data:`ARRAYS`, a :class:`TrainConfig` :data:`CONFIG` (:func:`probe_train_config`: FedSGD, B = 1, this round's
+  lr) and a ConfigRecord :data:`PROBE_RECORD` naming one :data:`SAMPLE_INDEX` of the client's partition (one of the
+  images it reported in its audit record this round); the client answers exactly like a train reply (with the
+  audit record) holding its *defended* one-image gradient step, computed on a copy of its state: the probe never
+  feeds training and leaves the client's state as it was.
 
 :meth:`TrainConfig.steps` is the one rule for how many local SGD steps an update holds; the client's batch
 schedule, the attacker's gradient conversion and GradDefense's noise variance all use it.
@@ -36,6 +42,11 @@ SAMPLE_INDICES = "sample-indices"
 
 #: Message type of the identity query.
 WHOAMI = "query.whoami"
+
+#: Message type of the probe (the ``attack-target=probe`` audit) and the name of its request record.
+PROBE = "query.probe"
+PROBE_RECORD = "probe"
+SAMPLE_INDEX = "sample-index"
 
 #: Metrics every train reply carries: the FedAvg weight, the mean training loss, and the client's train and
 #: defense wall times in seconds (the defense's hooks included in both).
@@ -99,6 +110,41 @@ class TrainConfig:
     def num_examples(self, partition_size: int) -> int:
         """The FedAvg weight a client reports: ``B`` for fedsgd, its partition size for fedavg."""
         return self.batch_size if self.mode == "fedsgd" else int(partition_size)
+
+
+def probe_train_config(lr: float, server_round: int) -> TrainConfig:
+    """The train config of a probe: one FedSGD step on a batch of one image (B = 1) at ``lr`` (this round's)."""
+    return TrainConfig("fedsgd", float(lr), 1, 0, 1, int(server_round))
+
+
+def probe_request(arrays: ArrayRecord, train_config: TrainConfig, sample_index: int) -> RecordDict:
+    """The content of a ``query.probe`` message: the global ``arrays``, the probe's train config and the index (into
+    the training split) of the image to probe.
+
+    Raises:
+        ValueError: a train config that is not FedSGD with B = 1.
+    """
+    if train_config.mode != "fedsgd" or train_config.batch_size != 1:
+        raise ValueError(f"a probe is one FedSGD step on one image, not mode={train_config.mode!r} "
+                         f"batch-size={train_config.batch_size}")
+    return RecordDict({ARRAYS: arrays, CONFIG: train_config.to_record(),
+                       PROBE_RECORD: ConfigRecord({SAMPLE_INDEX: int(sample_index)})})
+
+
+def read_probe_request(content: RecordDict) -> tuple[TrainConfig, int]:
+    """``(train config, sample index)`` of a ``query.probe`` message's content (:func:`probe_request`).
+
+    Raises:
+        ValueError: a record is missing, or the train config is not FedSGD with B = 1.
+    """
+    for name in (ARRAYS, CONFIG, PROBE_RECORD):
+        if name not in content:
+            raise ValueError(f"a probe request needs the records {ARRAYS!r}, {CONFIG!r}, {PROBE_RECORD!r}; "
+                             f"{name!r} is missing")
+    tc = TrainConfig.from_record(content[CONFIG])
+    if tc.mode != "fedsgd" or tc.batch_size != 1:
+        raise ValueError(f"a probe is one FedSGD step on one image, not mode={tc.mode!r} batch-size={tc.batch_size}")
+    return tc, int(content[PROBE_RECORD][SAMPLE_INDEX])
 
 
 def train_reply(state: Mapping[str, Any], metrics: Mapping[str, float | int], partition_id: int,

@@ -119,9 +119,16 @@ def attack_once(setting: str, image: int, attack: str, model: str, overrides: di
     weight = classifier_layer(net).weight
     fc = next(name for name, q in net.named_parameters() if q is weight)
     sent = next(r for r in replies if int(r.content["meta"]["partition-id"]) == 0)
-    a = sent.content["arrays"].to_torch_state_dict()[fc]
-    b = clean.content["arrays"].to_torch_state_dict()[fc]
-    record["fc_perturbed"] = float((a != b).float().mean())
+    a = sent.content["arrays"].to_torch_state_dict()
+    b = clean.content["arrays"].to_torch_state_dict()
+    record["fc_perturbed"] = float((a[fc] != b[fc]).float().mean())
+    glob = net.state_dict()
+    lr = float(cfg["lr"])
+    names = [name for name, _ in net.named_parameters()]
+    # one FedSGD step: update = -lr * gradient, so these are gradient norms
+    record["grad_norm"] = float(torch.sqrt(sum(((b[k] - glob[k]) / lr).pow(2).sum() for k in names)))
+    record["noise_norm"] = float(torch.sqrt(sum(((a[k] - b[k]) / lr).pow(2).sum() for k in names)))
+    record["train_loss"] = float(clean.content["metrics"]["train-loss"])
     return record
 
 
@@ -151,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
                 r = attack_once(setting, i, args.attack, args.model, overrides, args.pretrain_steps, Path(tmp))
                 results.setdefault(setting, []).append(r)
                 print(f"image {i:3d} {setting:9s} PSNR {r['psnr']:6.2f} dB  SSIM {r['ssim']:.3f}  fc perturbed "
-                      f"{r['fc_perturbed']:.3f}  ({time.perf_counter() - t:.1f} s)", flush=True)
+                      f"{r['fc_perturbed']:.3f}  loss {r['train_loss']:.3f}  |g| {r['grad_norm']:.3f}  |noise| "
+                      f"{r['noise_norm']:.3f}  ({time.perf_counter() - t:.1f} s)", flush=True)
     th = args.threshold
     for setting, recs in results.items():
         ps = np.array([r["psnr"] for r in recs])

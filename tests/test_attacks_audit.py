@@ -56,7 +56,8 @@ def test_image_file_audit_resizes_to_the_model_input(tmp_path):
 def audit_psnr(model, defense, index=11, **keys):
     """iDLG's PSNR on the update one client sends for training image ``index`` under ``defense`` (the real client
     pipeline and server side: :func:`fl_sim.audit.audit_round`), with the strategy, reply and aggregate."""
-    cfg = resolve({"attack": "idlg", "model": model, "defense": defense, "attack-iterations": 30, **keys})
+    cfg = resolve({"attack": "idlg", "model": model, "defense": defense, "attack-iterations": 30, "batch-size": 1,
+                   **keys})
     ds = load_dataset("fashion-mnist")
     strategy, reply, aggregate = audit_round(cfg, audit_dataset("fashion-mnist", ds.x_train[index:index + 1],
                                                                 ds.y_train[index:index + 1]))

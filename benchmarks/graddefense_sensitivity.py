@@ -158,8 +158,9 @@ def main(argv: list[str] | None = None) -> None:
                 r = attack_once(setting, i, args.attack, args.model, overrides, args.pretrain_steps, Path(tmp))
                 results.setdefault(setting, []).append(r)
                 print(f"image {i:3d} {setting:9s} PSNR {r['psnr']:6.2f} dB  SSIM {r['ssim']:.3f}  fc perturbed "
-                      f"{r['fc_perturbed']:.3f}  loss {r['train_loss']:.3f}  |g| {r['grad_norm']:.3f}  |noise| "
-                      f"{r['noise_norm']:.3f}  ({time.perf_counter() - t:.1f} s)", flush=True)
+                      f"{r['fc_perturbed']:.3f}  {r['iterations']} it  loss {r['train_loss']:.3f}  |g| "
+                      f"{r['grad_norm']:.3f}  |noise| {r['noise_norm']:.3f}  ({time.perf_counter() - t:.1f} s)",
+                      flush=True)
     th = args.threshold
     for setting, recs in results.items():
         ps = np.array([r["psnr"] for r in recs])

@@ -106,7 +106,7 @@ def test_fedkl_lowers_the_leak_against_an_attacker_that_matches_the_lock_layers(
     keys = {"attack-skip-private": False, "attack-time-limit": 30.0}
     clean = audit_psnr("lenet-kl", "none", **keys)[0]
     locked = audit_psnr("lenet-kl", "fedkl", **{**keys, "attack-iterations": 15})[0]
-    assert clean["relative_objective"] < 1e-6 < 1e-2 < locked["relative_objective"]
+    assert clean["relative_objective"] < 1e-6 and locked["relative_objective"] > 1e-2
     assert locked["psnr"] < clean["psnr"]
     ig = {**keys, "attack": "ig", "attack-iterations": 300}
     assert audit_psnr("lenet-kl", "fedkl", **ig)[0]["psnr"] < audit_psnr("lenet-kl", "none", **ig)[0]["psnr"] - 3

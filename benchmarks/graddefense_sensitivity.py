@@ -14,8 +14,13 @@ models the seed-001 sweep attacks at rounds 51..251.
     PYTHONPATH=$PWD python benchmarks/graddefense_sensitivity.py [--attack ig] [--model lenet-tanh] [--images 8]
         [--settings public,jacobian] [--pretrain-steps 0] [KEY=VALUE ...]
 
-Prints one line per attack and, per setting, how many attacks reached the threshold (``--threshold``, 18 dB), split
-by whether the classifier weight went out clean.
+Prints one line per attack (PSNR, SSIM, the fraction of the classifier weight perturbed, the victim's loss, the norms
+of its gradient and of the noise GradDefense added) and, per setting, how many attacks reached the threshold
+(``--threshold``, 18 dB), split by whether the classifier weight went out clean.
+
+    PYTHONPATH=$PWD python benchmarks/graddefense_sensitivity.py --from-sweep sweeps-out/seed001-fmnist
+
+lists instead every attack on the graddefense cells of a finished sweep with the victim's train loss that round.
 """
 
 from __future__ import annotations
@@ -132,6 +137,39 @@ def attack_once(setting: str, image: int, attack: str, model: str, overrides: di
     return record
 
 
+def from_sweep(sweep_dir: Path, threshold: float) -> None:
+    """Every attack on a GradDefense cell of a finished sweep, with the attacked client's train loss that round.
+
+    Under FedSGD with one image per client the reply's ``train-loss`` is the victim image's loss (public: the client
+    reports it), so this shows whether the leaks of a sweep coincide with high-loss images.
+    """
+    import json
+    import tomllib
+
+    rows = []
+    for cell in sorted((sweep_dir / "cells").iterdir()):
+        cfg_path, metrics = cell / "config.toml", cell / "metrics.jsonl"
+        if not (cfg_path.is_file() and metrics.is_file()):
+            continue
+        cfg = tomllib.loads(cfg_path.read_text())
+        if cfg.get("defense") != "graddefense":
+            continue
+        for line in metrics.read_text().splitlines():
+            r = json.loads(line)
+            loss = {str(c["partition_id"]): c.get("train_loss") for c in r.get("clients", [])}
+            for a in r.get("attacks", []):
+                if "psnr" in a:
+                    rows.append((cell.name, r["round"], a["psnr"], a.get("ssim"), loss.get(str(a["client"]))))
+    for name, rnd, psnr, ssim, loss in rows:
+        print(f"{name}  round {rnd:4d}  PSNR {psnr:6.2f} dB  SSIM {ssim:.3f}  victim train loss {loss:.3f}")
+    leaks = [r for r in rows if r[2] >= threshold]
+    quiet = [r for r in rows if r[2] < threshold]
+    if rows:
+        print(f">= {threshold:g} dB: {len(leaks)} of {len(rows)} attacks; median victim loss "
+              f"{np.median([r[4] for r in leaks]) if leaks else float('nan'):.3f} for those, "
+              f"{np.median([r[4] for r in quiet]) if quiet else float('nan'):.3f} for the others")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--attack", default="ig")
@@ -141,8 +179,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--settings", default="public,jacobian")
     p.add_argument("--pretrain-steps", type=int, default=0)
     p.add_argument("--threshold", type=float, default=18.0)
+    p.add_argument("--from-sweep", type=Path, default=None,
+                   help="instead: list the attacks of a finished sweep's graddefense cells with the victim's loss")
     p.add_argument("overrides", nargs="*", help="run-config KEY=VALUE")
     args = p.parse_args(argv)
+    if args.from_sweep is not None:
+        from_sweep(args.from_sweep, args.threshold)
+        return
     torch.set_num_threads(1)
     from fl_sim.config import parse_overrides
 

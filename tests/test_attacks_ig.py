@@ -54,11 +54,17 @@ def test_ig_recovers_a_batch_from_a_fedsgd_update(fmnist):
     assert bool((result.images >= lo - 1e-6).all() and (result.images <= hi + 1e-6).all())
 
 
-def test_ig_fedavg_unrolls_local_steps_and_finds_the_label_order(fmnist):
-    idx = np.array([3, 10, 17])  # three steps of one image each, three different labels
+@pytest.fixture(scope="module")
+def three_step_update(fmnist):
+    """Three local SGD steps of one image each (three different labels), and ig-fedavg's result on them."""
+    idx = np.array([3, 10, 17])
     payload, x, y = local_sgd_payload(fmnist, idx, 3, 1)
     assert len(set(y.tolist())) == 3
-    result = ATTACKS["ig-fedavg"].run(payload, Budget(iterations=300, seed=0))
+    return payload, x, y, ATTACKS["ig-fedavg"].run(payload, Budget(iterations=300, seed=0))
+
+
+def test_ig_fedavg_unrolls_local_steps_and_finds_the_label_order(fmnist, three_step_update):
+    _, x, y, result = three_step_update
     s = _score(fmnist, result, x, y)
     assert result.images.shape[0] == 3 and result.extras["local_steps"] == 3
     assert result.labels.tolist() == y.tolist()  # the step order of the labels, found by the pilot runs

@@ -87,11 +87,12 @@ def assert_no_secret(reply, state: RecordDict, cfg, fmnist, pid=0):
             assert not torch.isclose(imgs, t.flatten()[None]).all(dim=1).any()
 
 
-@pytest.mark.parametrize("defense,model", [("fedkl", "lenet-kl"), ("graddefense", "lenet-tanh"),
-                                           ("dp-gaussian", "lenet-tanh"), ("soteria", "lenet-tanh")])
-def test_reply_holds_no_client_secret(defense, model, fmnist):
-    cfg = resolve({"defense": defense, "model": model, "audit": False, "num-supernodes": 3,
-                   "defense-gd-clip": defense == "graddefense"})
+@pytest.mark.parametrize("defense,model,extra", [
+    ("fedkl", "lenet-kl", {}), ("graddefense", "lenet-tanh", {"defense-gd-clip": True}),
+    ("graddefense", "lenet-tanh", {"defense-gd-sensitivity": "jacobian"}), ("dp-gaussian", "lenet-tanh", {}),
+    ("soteria", "lenet-tanh", {})])
+def test_reply_holds_no_client_secret(defense, model, extra, fmnist):
+    cfg = resolve({"defense": defense, "model": model, "audit": False, "num-supernodes": 3, **extra})
     torch.manual_seed(0)
     glob = build_model(model, fmnist.input_shape, fmnist.num_classes).state_dict()
     state = RecordDict()

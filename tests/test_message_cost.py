@@ -108,3 +108,20 @@ def test_a_defense_with_on_model_always_gets_a_fresh_model(fmnist):
     pipeline._KEPT.clear()
     _update(spec, g0, fmnist, 1)
     assert not pipeline._KEPT
+
+
+def test_graddefense_slice_mask_and_cached_bounds_equal_the_per_step_computation():
+    from clients.defenses import graddefense as gd
+
+    sizes, sens = [150, 6, 2400, 16, 48000, 120, 840, 10], [0.3, 0.1, 0.5, 0.2, 0.9, 0.05, 0.0, 0.0]
+    bounds = gd.slice_bounds(sizes, sens, 10)
+    cached = gd.cached_slice_bounds(tuple(sizes), tuple(sens), 10)
+    np.testing.assert_array_equal(cached, bounds)
+    assert gd.cached_slice_bounds(tuple(sizes), tuple(sens), 10) is cached and not cached.flags.writeable
+    total = sum(sizes)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        chosen = torch.randperm(10, generator=g)[: int(torch.randint(0, 11, (1,), generator=g))]
+        # the reference: each entry's slice id by bucketing, then membership
+        sid = torch.bucketize(torch.arange(total), torch.as_tensor(bounds[1:-1]), right=True)
+        assert torch.equal(gd.slice_mask(bounds, chosen, total, torch.device("cpu")), torch.isin(sid, chosen))

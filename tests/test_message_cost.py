@@ -125,3 +125,19 @@ def test_graddefense_slice_mask_and_cached_bounds_equal_the_per_step_computation
         # the reference: each entry's slice id by bucketing, then membership
         sid = torch.bucketize(torch.arange(total), torch.as_tensor(bounds[1:-1]), right=True)
         assert torch.equal(gd.slice_mask(bounds, chosen, total, torch.device("cpu")), torch.isin(sid, chosen))
+
+
+def test_array_to_numpy_refuses_corrupt_bytes_like_flower():
+    from flwr.app import Array
+
+    from fl_sim.task.arrays import array_to_numpy
+
+    good = ArrayRecord({"w": torch.randn(5, 4)})["w"]
+    cut = Array(dtype=good.dtype, shape=tuple(good.shape), stype=good.stype, data=good.data[:-4])
+    for a in (cut, Array(dtype=good.dtype, shape=tuple(good.shape), stype=good.stype, data=b"not an npy")):
+        with pytest.raises(Exception) as ours:
+            array_to_numpy(a)
+        with pytest.raises(Exception) as flowers:
+            a.numpy()
+        assert type(ours.value) is type(flowers.value)
+    np.testing.assert_array_equal(array_to_numpy(good), good.numpy())

@@ -9,7 +9,7 @@ ARGS ?=
 # figures are reproducible. A private run: `make run CLIENT_SECRET=` (OS entropy) or any other integer.
 CLIENT_SECRET ?= 0
 
-.PHONY: run test venv flwr-run deploy bench clean-runs
+.PHONY: run test venv flwr-run deploy bench bench-full bench-args clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,5 +38,30 @@ flwr-run: $(STAMP)
 deploy: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/fl-sim deploy $(ARGS)
 
+# Every benchmarks/bench_*.py, each ending with one JSON line of its headline figures. `make bench` runs the short
+# versions (sizes below, ~15 minutes on the idle 2-core machine; each script's time is printed), `make bench-full`
+# the long ones (each script's defaults, and issue 13's 10,000-client and 100-round figures). BENCH_ARGS_<name>
+# overrides one script's arguments, e.g. `make bench BENCH_ARGS_bench_main="100 10"`.
+BENCH_ARGS_bench_attacks ?= --seeds 1
+BENCH_ARGS_bench_batch_leak ?= lenet-tanh 1
+BENCH_ARGS_bench_breaching ?= --ig-iterations 500
+BENCH_ARGS_bench_defenses ?= --rounds 10
+BENCH_ARGS_bench_deploy ?= --rounds 3 --poll 1.0
+BENCH_ARGS_bench_gpu ?= --rounds 5 --ig-iterations 200
+BENCH_ARGS_bench_main ?= 100 10
+BENCH_ARGS_bench_scale ?= --clients 100 1000 --rounds 20
+BENCH_FULL_ARGS_bench_defenses ?= --rounds 100
+BENCH_FULL_ARGS_bench_scale ?= --full
+BENCH_KIND ?= BENCH_ARGS
+
 bench: $(STAMP)
-	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
+	@start=$$(date +%s); for f in benchmarks/bench_*.py; do n=$$(basename $$f .py); \
+	  args=$$($(MAKE) -s --no-print-directory bench-args NAME=$$n); t=$$(date +%s); \
+	  echo "== $$f $$args"; PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(BIN)/python $$f $$args || exit 1; \
+	  echo "== $$f: $$(( $$(date +%s) - t )) s"; done; echo "== make bench: $$(( $$(date +%s) - start )) s in all"
+
+bench-full:
+	$(MAKE) bench BENCH_KIND=BENCH_FULL_ARGS
+
+bench-args:
+	@echo $($(BENCH_KIND)_$(NAME))

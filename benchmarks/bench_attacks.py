@@ -20,6 +20,7 @@ Run: ``python benchmarks/bench_attacks.py [--seeds N]``.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -165,6 +166,12 @@ def main() -> None:
     rate = ig_rate(x, y)
     print(f"IG on the ConvNet (3x32x32, B=1): {rate['it_per_s']:.1f} iterations/s wall "
           f"({rate['it_per_cpu_s']:.1f} per CPU s); reference loop on LeNet: {ref_rate:.1f} closures/s")
+    # the headline figures, one JSON line (ratios: fl-sim time to 40 dB / the reference's, median over seeds)
+    both = [(r[1], r[2]) for r in rows if r[1]["wall"] and r[2]["wall"]]
+    med = lambda key: statistics.median(o[key] / r[key] for r, o in both) if both else None  # noqa: E731
+    print(json.dumps({"bench": "attacks", "seeds": args.seeds,
+                      "idlg_40db_ratio_wall": med("wall"), "idlg_40db_ratio_cpu": med("cpu"),
+                      "ig_it_per_s": round(rate["it_per_s"], 2), "reference_closures_per_s": round(ref_rate, 2)}))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Usage::
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -46,12 +47,15 @@ def main() -> None:
     print(f"{model}, Fashion-MNIST, round-1 FedSGD update, L-BFGS 200 steps, {seeds} seeds")
     print("| attack | B | PSNR (dB) | SSIM | label acc. | time (s) |")
     print("|---|---|---|---|---|---|")
+    psnr = {}
     for attack in ("idlg", "dlg"):
         for batch in (1, 2, 4, 8):
             rows = [one(attack, model, batch, s) for s in range(seeds)]
             m = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+            psnr[f"{attack}_b{batch}"] = round(m["psnr"], 2)
             print(f"| {attack} | {batch} | {m['psnr']:.1f} | {m['ssim']:.3f} | {m['label_accuracy']:.2f} | "
                   f"{m['time_s']:.1f} |", flush=True)
+    print(json.dumps({"bench": "batch_leak", "model": model, "seeds": seeds, "mean_psnr_db": psnr}))
 
 
 if __name__ == "__main__":

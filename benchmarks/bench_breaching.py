@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.breaching_src / "breaching" / "__init__.py").is_file() or not python.is_file():
         print(f"breaching not found (source {args.breaching_src}, venv {args.breaching_venv}): nothing to compare. "
               "See this file's docstring and docs/performance.md for how to set it up.")
+        print(json.dumps({"bench": "breaching", "skipped": "breaching not found"}))
         return 0
     torch.set_num_threads(1)
     x = to_tensor(photo(), MEAN, STD)

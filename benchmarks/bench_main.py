@@ -6,11 +6,16 @@
 
 Usage::
 
-    python benchmarks/bench_main.py [ROUNDS] [CLIENTS]      # defaults: 100 rounds, 10 clients
+    python benchmarks/bench_main.py [ROUNDS] [CLIENTS] [--no-attacks]     # defaults: 100 rounds, 10 clients
+
+The last line is one JSON object with the headline figures: the per-round ratio (issue 13 target <= 1.5x), the
+start-up (the simulation's wall time less the sum of its round times: Ray, the actors, the first messages and the
+shutdown; target <= 5 s) and both final accuracies (equal: the simulation trains exactly like the plain loop).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -33,8 +38,11 @@ from fl_sim.task.partition import partitions  # noqa: E402
 from strategies.metrics import psnr  # noqa: E402
 
 
-def plain_loop(cfg: dict, client_secret: int) -> tuple[float, float]:
+def plain_loop(cfg: dict, client_secret: int, round_s: list[float] | None = None) -> tuple[float, float]:
     """The federation's local training and FedAvg in one process, one thread: (seconds, final accuracy).
+
+    ``round_s``, when given, receives each round's seconds (training, FedAvg and the evaluation, without the set-up:
+    what the simulation's steady round is compared with).
 
     ``client_secret`` is the run-level client secret of the simulation to match (``RUN_DIR/clients/secret``).
     """
@@ -48,7 +56,9 @@ def plain_loop(cfg: dict, client_secret: int) -> tuple[float, float]:
     local = build_model(cfg["model"], data.input_shape, data.num_classes)
     run = specs(cfg).server  # the server's lr schedule and the train config it sends
     acc = 0.0
+    round_s = [] if round_s is None else round_s
     for rnd in range(1, cfg["num-server-rounds"] + 1):
+        t_round = time.perf_counter()
         train_config = run.task.train_config(run.server.lr_at(cfg["lr"], rnd), rnd)
         lr = train_config.lr
         total = {k: torch.zeros_like(v) for k, v in glob.state_dict().items()}
@@ -70,16 +80,16 @@ def plain_loop(cfg: dict, client_secret: int) -> tuple[float, float]:
             weight += n
         glob.load_state_dict({k: v / weight for k, v in total.items()})
         _, acc = evaluate(glob, data.x_test, data.y_test, data.mean, data.std, torch.device("cpu"))
+        round_s.append(time.perf_counter() - t_round)
     return time.perf_counter() - start, acc
 
 
 def simulation(cfg: dict, client_secret: int) -> tuple[float, float, float]:
     """The same federation through ``fl-sim run``'s in-process Flower simulation.
 
-    Returns (wall seconds including Ray start-up, final accuracy, median round time after round 1 in seconds).
+    Returns (wall seconds including Ray start-up, final accuracy, median round time after round 1 in seconds, sum of
+    all round times in seconds).
     """
-    import json
-
     from fl_sim import simulation as sim
     from fl_sim.results import read_metrics
 
@@ -89,8 +99,10 @@ def simulation(cfg: dict, client_secret: int) -> tuple[float, float, float]:
         run_dir = sim.run(run_cfg, client_secret=client_secret)
         seconds = time.perf_counter() - start
         summary = json.loads((Path(run_dir) / "summary.json").read_text())
-        steady = float(np.median([r["round_time_s"] for r in read_metrics(Path(run_dir))[1:]]))
-    return seconds, summary["final_accuracy"], steady
+        rows = read_metrics(Path(run_dir))
+        steady = float(np.median([r["round_time_s"] for r in rows[1:]]))
+        rounds_s = float(sum(r["round_time_s"] for r in rows))
+    return seconds, summary["final_accuracy"], steady, rounds_s
 
 
 def time_to_psnr(attack: str, model: str, target_db: float = 30.0, max_iters: int = 60) -> tuple[float, int, float]:
@@ -114,23 +126,36 @@ def time_to_psnr(attack: str, model: str, target_db: float = 30.0, max_iters: in
 
 
 def main() -> None:
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 100
-    clients = int(sys.argv[2]) if len(sys.argv) > 2 else 10
+    argv = [a for a in sys.argv[1:] if a != "--no-attacks"]
+    attacks = "--no-attacks" not in sys.argv[1:]
+    rounds = int(argv[0]) if len(argv) > 0 else 100
+    clients = int(argv[1]) if len(argv) > 1 else 10
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # device=cpu: the plain loop runs on the CPU, so the simulation does too (benchmarks/bench_gpu.py times GPUs)
     cfg = resolve({"num-server-rounds": rounds, "num-supernodes": clients, "attack-every": 0, "device": "cpu"})
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}; {clients} clients, {rounds} rounds, "
           f"{cfg['model']}, {cfg['mode']} B={cfg['batch-size']}")
-    t_plain, acc_plain = plain_loop(cfg, client_secret=0)
-    t_sim, acc_sim, steady = simulation(cfg, client_secret=0)
+    plain_rounds: list[float] = []
+    t_plain, acc_plain = plain_loop(cfg, client_secret=0, round_s=plain_rounds)
+    plain_round = float(np.median(plain_rounds))
+    t_sim, acc_sim, steady, rounds_s = simulation(cfg, client_secret=0)
     print(f"plain PyTorch loop: {t_plain:7.2f} s  (final accuracy {acc_plain:.4f})")
     print(f"Flower simulation:  {t_sim:7.2f} s  (final accuracy {acc_sim:.4f}; Ray start-up included)")
-    print(f"ratio simulation / plain loop: {t_sim / t_plain:.1f}x overall; per round after round 1: "
-          f"{steady * 1e3:.0f} ms vs {t_plain / rounds * 1e3:.1f} ms = {steady / (t_plain / rounds):.1f}x")
-    for attack in ("idlg", "dlg"):
+    print(f"ratio simulation / plain loop: {t_sim / t_plain:.1f}x overall; per round (medians, the simulation's "
+          f"after round 1, the plain loop's without its set-up): {steady * 1e3:.0f} ms vs {plain_round * 1e3:.1f} ms "
+          f"= {steady / plain_round:.2f}x")
+    startup = t_sim - rounds_s
+    print(f"start-up and shutdown (simulation wall time less its {rounds} round times): {startup:.2f} s")
+    result = {"bench": "main", "rounds": rounds, "clients": clients, "plain_round_ms": round(plain_round * 1e3, 2),
+              "sim_round_ms": round(steady * 1e3, 2), "round_ratio": round(steady / plain_round, 3),
+              "overall_ratio": round(t_sim / t_plain, 3), "startup_s": round(startup, 2),
+              "final_accuracy_plain": acc_plain, "final_accuracy_sim": acc_sim}
+    for attack in ("idlg", "dlg") if attacks else ():
         t, its, value = time_to_psnr(attack, cfg["model"])
         print(f"{attack} on {cfg['model']} (round-1 FedSGD update, B=1): 30 dB after {its} L-BFGS steps, "
               f"{t:.2f} s (reached {value:.1f} dB)")
+        result[f"{attack}_30db_s"], result[f"{attack}_30db_steps"] = round(t, 3), its
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,13 @@ each), without attacks. Memory is sampled every 0.2 s over the whole process tre
 and simulation engine) and every Ray process (GCS, raylet, agents, the ClientApp actors) — as the sum of RSS (what
 the issue asks for; it counts shared library pages once per process) and the sum of PSS (shared pages split between
 the processes that map them: closer to the memory actually used). The driver's RSS after the first and the last
-round shows whether anything grows with the number of rounds. Goal: peak < 4 GB.
+round shows whether anything grows with the number of rounds. Goal (issue 13): 10,000 clients with 10 sampled per
+round in <= 4 GB peak RSS summed over the processes, and a round time within 10 % of 100 clients'.
 
     python benchmarks/bench_scale.py [--clients 100 1000] [--rounds 30] [--per-round 10]
+    python benchmarks/bench_scale.py --full        # issue 13's figure: --clients 100 10000
+
+The last line is one JSON object with the headline figures (the largest federation against the smallest).
 """
 
 from __future__ import annotations
@@ -89,7 +93,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--per-round", type=int, default=10)
+    parser.add_argument("--full", action="store_true", help="issue 13's figure: 100 and 10,000 clients")
     a = parser.parse_args()
+    if a.full:
+        a.clients = [100, 10000]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         for n in a.clients:
@@ -106,6 +113,13 @@ def main() -> None:
               f"{rows[-1]['wall_s'] / rows[0]['wall_s']:.2f}x, peak RSS "
               f"{rows[-1]['peak_rss_gb'] / rows[0]['peak_rss_gb']:.2f}x; goal peak RSS < 4 GB: "
               f"{'met' if max(r['peak_rss_gb'] for r in rows) < 4 else 'NOT met'}")
+    small, large = rows[0], rows[-1]
+    print(json.dumps({"bench": "scale", "clients": [r["clients"] for r in rows], "rounds": a.rounds,
+                      "per_round": a.per_round, "peak_rss_gb": round(max(r["peak_rss_gb"] for r in rows), 3),
+                      "peak_pss_gb": round(max(r["peak_pss_gb"] for r in rows), 3),
+                      "round_s": [round(r["mean_round_s"], 4) for r in rows],
+                      "round_ratio_largest_smallest": round(large["mean_round_s"] / small["mean_round_s"], 3),
+                      "to_round_1_s": [r["first_round_s"] and round(r["first_round_s"], 2) for r in rows]}))
 
 
 if __name__ == "__main__":

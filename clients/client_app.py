@@ -13,6 +13,10 @@ Every private draw (batches, defense noise and choices, FedKL's key) is seeded f
 (:mod:`clients.secrets`), never from the run config alone. Before a train or evaluate call an empty
 ``Context.state`` is restored from the client's state directory, and after it a non-empty one is written there with
 the round (:mod:`clients.state`), so ``fl-sim run --resume`` resumes the clients too.
+
+Per message, the global arrays are converted with :mod:`fl_sim.task.arrays` (the same tensors and bytes as
+Flower's ``ArrayRecord`` conversions, without re-parsing every array's header) and the model is reloaded rather
+than rebuilt when this process has one (:func:`clients.pipeline.keep_model`).
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from flwr.clientapp import ClientApp
 
 from clients import secrets, state
 from clients.config import ClientSpec
-from clients.pipeline import client_update, prepare_model
+from clients.pipeline import client_update, keep_model, prepare_model
 from fl_sim.task import contract
+from fl_sim.task.arrays import to_arrays, to_state_dict
 from fl_sim.task.contract import TrainConfig
 from fl_sim.task.datasets import load_dataset, on_device
 from fl_sim.task.keys import ConfigError
@@ -178,11 +183,12 @@ def train(msg: Message, context: Context) -> Message:
     data = load_dataset(task.dataset, task.data_dir)
     part = partitions(data.name, task.data_dir, nparts, task.partition, task.dirichlet_alpha, task.seed,
                       task.partition_size)[pid]
-    update = client_update(spec, msg.content[contract.ARRAYS].to_torch_state_dict(), data, part, train_config,
+    update = client_update(spec, to_state_dict(msg.content[contract.ARRAYS]), data, part, train_config,
                            context.state, secrets.once_seed(secret, task.seed),
                            secrets.round_seed(secret, task.seed, rnd), device)
     state.checkpoint(context, state_dir, rnd)
-    content = contract.train_reply(update.state, update.metrics, pid, update.sample_indices if task.audit else None)
+    content = contract.train_reply(to_arrays(update.state), update.metrics, pid,
+                                   update.sample_indices if task.audit else None)
     return Message(content=content, reply_to=msg)
 
 
@@ -197,11 +203,12 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
     secret = secrets.node_secret_for(context, pid)
     data = load_dataset(task.dataset, task.data_dir)
     idx = eval_share(len(data.y_test), nparts, pid, task.seed)
-    model, _ = prepare_model(spec, msg.content[contract.ARRAYS].to_torch_state_dict(), context.state,
+    model, _ = prepare_model(spec, to_state_dict(msg.content[contract.ARRAYS]), context.state,
                              secrets.once_seed(secret, task.seed), device)
     state.checkpoint(context, state_dir, rnd)
     x_test, y_test = on_device(data, "test", device)  # once per process
     rows = torch.as_tensor(idx, device=device)
     loss, acc = evaluate(model, x_test[rows], y_test[rows], data.mean, data.std, device)
+    keep_model(spec, model, device)
     metrics = MetricRecord({contract.NUM_EXAMPLES: len(idx), "eval-loss": loss, "eval-acc": acc})
     return Message(content=RecordDict({contract.METRICS: metrics}), reply_to=msg)

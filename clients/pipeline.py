@@ -5,6 +5,14 @@ secrets in place (``on_model``); :func:`client_update` then trains it with the d
 (:func:`clients.training.local_train`), lets the defense touch what leaves (``on_reply``, which also sees the global
 arrays sent) and collects the metrics the reply carries. The ClientApp, the one-shot audit and the benchmarks all call these functions; none of them
 holds a second copy of the train config or of the local-steps rule (:class:`fl_sim.task.contract.TrainConfig`).
+
+Per-message cost: building a model (LeNet: ~1–1.5 ms, a dummy forward included) is paid once per process and
+model, not per message. :func:`client_update` hands its model back (:func:`keep_model`) and the next
+:func:`prepare_model` for the same model, device and a defense without ``on_model`` reloads it when
+:func:`reusable` finds it as built (the same parameters, buffers and ``requires_grad`` flags, no hooks left on
+any module; gradients are dropped and train mode is set). The global arrays overwrite every parameter and buffer,
+so the client computes exactly what a freshly built model computes; a defense with ``on_model`` (FedKL) gets a
+freshly built model every time.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from clients.defenses import ReplyContext
 from clients.training import local_train
 from fl_sim.task.contract import DEFENSE_TIME, NUM_EXAMPLES, TRAIN_LOSS, TRAIN_TIME, TrainConfig
 from fl_sim.task.datasets import DATASETS, Dataset
-from fl_sim.task.models import build_model
+from fl_sim.task.models import MODELS, build_model
 
 
 @dataclass
@@ -43,6 +51,59 @@ class ClientUpdate:
     steps: int
 
 
+#: Per process: models handed back by :func:`keep_model`, by (builder, name, input shape, classes, device), each with
+#: the signature it was built with (:func:`model_signature`).
+_KEPT: dict[tuple, tuple[nn.Module, tuple]] = {}
+_SIGNATURES: dict[int, tuple] = {}  # id(model) -> its signature when built
+
+
+def _model_key(spec: ClientSpec, device: torch.device) -> tuple:
+    ds = DATASETS[spec.task.dataset]
+    return (MODELS[spec.task.model], spec.task.model, tuple(ds.input_shape), int(ds.num_classes), str(device))
+
+
+def model_signature(model: nn.Module) -> tuple:
+    """What :func:`reusable` compares: every parameter's and buffer's name, shape, dtype, device and
+    ``requires_grad``, and the module tree's names and types."""
+    return (tuple((n, type(m)) for n, m in model.named_modules()),
+            tuple((n, tuple(p.shape), p.dtype, p.device, p.requires_grad) for n, p in model.named_parameters()),
+            tuple((n, tuple(b.shape), b.dtype, b.device) for n, b in model.named_buffers()))
+
+
+def reusable(model: nn.Module, signature: tuple) -> bool:
+    """Whether ``model`` is still as built: ``signature`` unchanged and no forward/backward hook on any module or
+    parameter."""
+    for m in model.modules():
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return False
+    if any(p._backward_hooks for p in model.parameters()):  # tensor hooks (``Tensor.register_hook``)
+        return False
+    return model_signature(model) == signature
+
+
+def keep_model(spec: ClientSpec, model: nn.Module, device: torch.device) -> None:
+    """Hand ``model`` back for the next :func:`prepare_model` of this process (nothing for ``on_model`` defenses)."""
+    sig = _SIGNATURES.get(id(model))
+    if spec.defense.on_model is None and sig is not None:
+        _KEPT[_model_key(spec, device)] = (model, sig)
+
+
+def _model_for(spec: ClientSpec, device: torch.device) -> nn.Module:
+    """A kept model of this process if :func:`reusable`, else a newly built one (its signature recorded)."""
+    key = _model_key(spec, device)
+    kept = _KEPT.pop(key, None)
+    if spec.defense.on_model is None and kept is not None and reusable(*kept):
+        model = kept[0]
+        model.zero_grad(set_to_none=True)
+        model.train()
+        return model
+    ds = DATASETS[spec.task.dataset]
+    model = build_model(spec.task.model, ds.input_shape, ds.num_classes).to(device)
+    _SIGNATURES.clear()  # only the newest model of this process is ever handed back
+    _SIGNATURES[id(model)] = model_signature(model)
+    return model
+
+
 def prepare_model(spec: ClientSpec, global_state: Mapping[str, torch.Tensor], state: RecordDict, seed: int,
                   device: torch.device) -> tuple[nn.Module, float]:
     """The model the server named with the global arrays loaded and the defense's ``on_model`` applied.
@@ -55,12 +116,11 @@ def prepare_model(spec: ClientSpec, global_state: Mapping[str, torch.Tensor], st
         device: where the model goes.
 
     Returns:
-        ``(model, seconds spent in the defense's hook)``.
+        ``(model, seconds spent in the defense's hook)``. The model is newly built or, when this process kept one
+        that is still as built (module docstring), that one reloaded.
     """
-    ds = DATASETS[spec.task.dataset]
-    model = build_model(spec.task.model, ds.input_shape, ds.num_classes)
+    model = _model_for(spec, device)
     model.load_state_dict(dict(global_state))
-    model.to(device)
     t = time.perf_counter()
     if spec.defense.on_model is not None:
         spec.defense.on_model(model, state, spec.params, seed)
@@ -91,7 +151,8 @@ def client_update(spec: ClientSpec, global_state: Mapping[str, torch.Tensor], da
     """
     model, hooks_s = prepare_model(spec, global_state, state, once_seed, device)
     res = local_train(model, data, partition, train_config, spec.defense, spec.params, state, round_seed, device)
-    out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # copies, never views of the model's own tensors: the model may be reloaded for the next message (keep_model)
+    out = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     t = time.perf_counter()
     if spec.defense.on_reply is not None:
         sent = {k: v.detach().cpu() for k, v in global_state.items()}
@@ -104,4 +165,5 @@ def client_update(spec: ClientSpec, global_state: Mapping[str, torch.Tensor], da
         raise ValueError(f"defense={spec.defense_name!r} reported metrics it does not declare: {undeclared}")
     metrics = {NUM_EXAMPLES: res.num_examples, TRAIN_LOSS: res.loss, TRAIN_TIME: res.train_time_s + hooks_s,
                DEFENSE_TIME: res.defense_time_s + hooks_s, **diagnostics}
+    keep_model(spec, model, device)
     return ClientUpdate(out, metrics, res.sample_indices, res.steps)

@@ -39,7 +39,9 @@ class StoppableGrid(Grid):
     Flower's in-memory Grid waits the full timeout for replies that will never come once the simulation engine
     has stopped; this wrapper lets Ctrl-C and engine failures end the ServerApp within ``poll_s`` seconds (raising
     ``KeyboardInterrupt``). Flower's deployment Grid sleeps 3 s between pulls, which adds up to 3 s to every
-    round; :func:`reply_poll_s` picks a shorter interval. Every other call is delegated to the wrapped Grid.
+    round; :func:`reply_poll_s` picks a shorter interval. A wrapped Grid that offers ``wait_for_replies(timeout)``
+    (the in-process simulation's, :class:`fl_sim.simulation.MessagePath`) is waited on instead of sleeping, so a
+    reply is pulled as soon as it is stored. Every other call is delegated to the wrapped Grid.
     """
 
     def __init__(self, grid: Grid, stop: Callable[[], bool], poll_s: float = 0.05):
@@ -75,7 +77,11 @@ class StoppableGrid(Grid):
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if pending:
-                time.sleep(self.poll_s)
+                wait = getattr(self.grid, "wait_for_replies", None)
+                if wait is not None:
+                    wait(self.poll_s)
+                else:
+                    time.sleep(self.poll_s)
         return replies
 
 
@@ -84,8 +90,11 @@ def reply_poll_s(grid: Grid) -> float:
 
     Flower's deployment Grid sleeps 3 s between pulls. Measured with 2 SuperNodes on the 2-core development
     machine, pulling every 0.1–0.25 s instead cut a round from 9.9 s to 6.6–7.7 s (``benchmarks/bench_deploy.py``,
-    docs/deployment.md); polling much faster only burns CPU on the SuperLink.
+    docs/deployment.md); polling much faster only burns CPU on the SuperLink. A :class:`StoppableGrid` is looked
+    through (the simulation's Grid wraps the in-memory one).
     """
+    while isinstance(grid, StoppableGrid):
+        grid = grid.grid
     return 0.05 if isinstance(grid, InMemoryGrid) else 0.25
 
 

@@ -15,6 +15,12 @@ it. Each ClientApp derives its node's secret from it and its partition id (:func
 The clients checkpoint their ``Context.state`` under ``RUN_DIR/clients`` (:data:`clients.state.STATE_DIR_ENV`);
 a resume first removes the client states written after the server's checkpoint (:func:`clients.state.prune_after`).
 
+Speed (docs/performance.md): the harness starts Ray itself (:func:`init_ray`: no runtime environment, the
+clients' import path in ``PYTHONPATH``, so Ray's pre-started workers become the ClientApp actors) and replaces the two
+polling loops of Flower 1.42's simulation engine for the duration of a run (:class:`MessagePath`): a pushed message
+reaches the actors at once instead of at the engine's next 0.1 s scan over every node, and the ServerApp wakes when
+a reply is stored instead of at its next poll. What the clients compute, and so every result, is unchanged.
+
 Ctrl-C: the ServerApp stops after the current round (everything written so far is kept, ``summary.json`` says
 ``interrupted``); Ray is shut down before :func:`run` returns, so no process is left behind.
 """
@@ -29,16 +35,22 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 import logging  # noqa: E402
+import queue  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
-from collections.abc import Callable, Mapping  # noqa: E402
+from collections.abc import Callable, Iterable, Iterator, Mapping  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+import ray  # noqa: E402
 import torch  # noqa: E402
-from flwr.app import Context, RecordDict  # noqa: E402
+from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.server.superlink.fleet.vce import vce_api  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.simulation.run_simulation import _run_simulation  # noqa: E402
+from flwr.supercore.date import now  # noqa: E402
 from flwr.supercore.telemetry import EventType  # noqa: E402
 
 from clients import secrets as client_secrets  # noqa: E402
@@ -46,7 +58,7 @@ from clients import state as client_state  # noqa: E402
 from clients.client_app import app as default_client_app  # noqa: E402
 from fl_sim.config import ConfigError, pyproject_block  # noqa: E402
 from fl_sim.results import default_run_name, run_dir_for  # noqa: E402
-from fl_sim.server_app import prepare_run_dir, run_server  # noqa: E402
+from fl_sim.server_app import StoppableGrid, prepare_run_dir, run_server  # noqa: E402
 from strategies.checkpoint import load_checkpoint  # noqa: E402
 
 #: Set to ask a running in-process simulation to stop (the ServerApp stops waiting and ends the run).
@@ -78,6 +90,127 @@ def backend_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False,
                       "logging_level": "error", "log_to_driver": True},
     }
+
+
+def init_ray(init_args: Mapping[str, Any]) -> None:
+    """Start Ray for the simulation the way fl-sim needs it, before Flower's engine would.
+
+    Flower 1.42's Ray backend starts Ray with a runtime environment that only sets ``PYTHONPATH``
+    (``RayBackend.init_ray``), and skips that when Ray is already running. A runtime environment of its own keeps the
+    job from using the workers Ray pre-starts (``num_cpus`` of them, with the job's environment): two more Python
+    processes start for the actors on a 2-core machine, and each worker start waits for the runtime-environment
+    agent. Here ``PYTHONPATH`` is put in this process's environment instead (the same value: the driver's
+    ``sys.path``, then the old ``PYTHONPATH``), which Ray's processes inherit, and Ray starts with ``init_args``
+    alone, so the pre-started workers become the ClientApp actors. The caller restores ``PYTHONPATH`` afterwards.
+    """
+    path = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        path = f"{path}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = path
+    ray.init(**dict(init_args))
+
+
+class MessagePath:
+    """The in-process simulation's message path without polling: Flower 1.42's engine threads, event-driven.
+
+    Flower's simulation engine (``flwr.server.superlink.fleet.vce.vce_api``) moves messages with two threads that
+    poll: ``add_messages_to_queue`` asks the link state for every node's next message every 0.1 s (so a round's
+    messages wait 50 ms on average before a client starts, and with ``N`` nodes and ``M`` messages in the store
+    every scan costs ``N × M`` checks: 10⁸ for the 10,000 whoami queries of a 10,000-client start), and
+    ``put_message_into_state`` stores the replies, which the ServerApp then pulls every ``poll_s`` (another 25 ms on
+    average). While :meth:`installed` is active, both threads are replaced: pushes through :meth:`grid`'s Grid put
+    the message ids on a queue and the replacement hands exactly those messages to the engine's workers at once
+    (expired ones are dropped and each is marked delivered, as ``InMemoryLinkState.get_message_ins`` does), and
+    every stored reply wakes the ServerApp (:meth:`wait_for_replies`, used by
+    :class:`fl_sim.server_app.StoppableGrid`). Messages pushed any other way would not be delivered: in
+    :func:`run` every push goes through the Grid :meth:`grid` returns. Flower's engine gives no ordering among
+    messages to the same node, and neither does this; the ServerApp never has two outstanding for one node.
+
+    Uses private parts of flwr 1.42.0 (pinned): the two thread functions it replaces, and the in-memory link state's
+    ``lock``, ``message_ins_store`` and ``_check_stored_messages``.
+    """
+
+    def __init__(self) -> None:
+        self.pushed: queue.SimpleQueue[list[str]] = queue.SimpleQueue()
+        self.replies = threading.Condition()
+        self.stored = 0  # replies stored so far (under ``replies``)
+
+    # -- the engine's side ---------------------------------------------------------------------------------------
+    def deliver(self, state: Any, out: queue.Queue[Message], nodes_mapping: Any, f_stop: threading.Event) -> None:
+        """Replacement of ``vce_api.add_messages_to_queue``: hand every pushed message to the engine's workers."""
+        while not f_stop.is_set():
+            try:
+                ids = self.pushed.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            with state.lock:
+                state._check_stored_messages(set(ids))  # drops expired messages, as get_message_ins does
+                found = [m for i in ids if (m := state.message_ins_store.get(i)) is not None
+                         and m.metadata.delivered_at == ""]
+                stamp = now().isoformat()
+                for msg in found:
+                    msg.metadata.delivered_at = stamp
+            for msg in found:
+                out.put(msg)
+
+    def store(self, state: Any, replies: queue.Queue[Message], f_stop: threading.Event) -> None:
+        """Replacement of ``vce_api.put_message_into_state``: store each reply, then wake the ServerApp."""
+        while not f_stop.is_set():
+            try:
+                reply = replies.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            try:
+                state.store_message_res(reply)
+            finally:
+                with self.replies:
+                    self.stored += 1
+                    self.replies.notify_all()
+
+    @contextmanager
+    def installed(self) -> Iterator[MessagePath]:
+        """Replace the engine's two polling threads while the block runs (restored afterwards)."""
+        saved = vce_api.add_messages_to_queue, vce_api.put_message_into_state
+        vce_api.add_messages_to_queue, vce_api.put_message_into_state = self.deliver, self.store
+        try:
+            yield self
+        finally:
+            vce_api.add_messages_to_queue, vce_api.put_message_into_state = saved
+
+    # -- the ServerApp's side ------------------------------------------------------------------------------------
+    def grid(self, grid: Grid) -> Grid:
+        """``grid`` (the engine's ``InMemoryGrid``) with pushes announced and a :meth:`wait_for_replies`."""
+        return _SimGrid(grid, self)
+
+    def wait_for_replies(self, seen: int, timeout: float) -> int:
+        """Block until more than ``seen`` replies have been stored, or ``timeout`` seconds; return the count."""
+        with self.replies:
+            self.replies.wait_for(lambda: self.stored > seen, timeout)
+            return self.stored
+
+
+class _SimGrid(StoppableGrid):
+    """The engine's Grid, announcing pushed message ids to a :class:`MessagePath` and waiting on its replies."""
+
+    def __init__(self, grid: Grid, path: MessagePath):
+        super().__init__(grid, stop=lambda: False)
+        self.path = path
+        self.seen = 0
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = list(self.grid.push_messages(messages))
+        if ids:
+            self.path.pushed.put(ids)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        with self.path.replies:
+            self.seen = self.path.stored  # a reply stored after this is in a later pull
+        return self.grid.pull_messages(message_ids)
+
+    def wait_for_replies(self, timeout: float) -> None:
+        """Sleep until a reply newer than the last pull has been stored, at most ``timeout`` seconds."""
+        self.path.wait_for_replies(self.seen, timeout)
 
 
 def quiet_flower(verbose: bool) -> None:
@@ -154,31 +287,37 @@ def run(cfg: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | Non
     out: dict[str, Path] = {}
     server_app = ServerApp()
 
+    path = MessagePath()
+
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        out["run_dir"] = run_server(grid, cfg, on_round=on_round, stop=STOP.is_set, resume=resume)
+        out["run_dir"] = run_server(path.grid(grid), cfg, on_round=on_round, stop=STOP.is_set, resume=resume)
 
     with tempfile.TemporaryDirectory(prefix="fl-sim-app-") as app_dir:
         Path(app_dir, "pyproject.toml").write_text(APP_PYPROJECT + pyproject_block(cfg))
         context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(cfg))
         # the clients' environment (Ray's workers inherit this process's when Ray starts), never the run config
-        saved_env = {k: os.environ.get(k) for k in (client_secrets.SECRET_ENV, client_state.STATE_DIR_ENV)}
+        saved_env = {k: os.environ.get(k) for k in (client_secrets.SECRET_ENV, client_state.STATE_DIR_ENV,
+                                                    "PYTHONPATH")}
         os.environ[client_secrets.SECRET_ENV] = str(secret)
         os.environ[client_state.STATE_DIR_ENV] = str(clients_dir)
         _shutdown_ray()  # a Ray left running would keep workers started without this environment
+        backend = backend_config(cfg)
         try:
-            _run_simulation(
-                num_supernodes=int(cfg["num-supernodes"]),
-                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                client_app=client_app,
-                server_app=server_app,
-                backend_name="ray",
-                backend_config=backend_config(cfg),
-                server_app_context=context,
-                app_dir=app_dir,
-                is_app=True,
-                verbose_logging=verbose,
-            )
+            init_ray(backend["init_args"])  # Flower's backend then uses this Ray as it is
+            with path.installed():
+                _run_simulation(
+                    num_supernodes=int(cfg["num-supernodes"]),
+                    exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                    client_app=client_app,
+                    server_app=server_app,
+                    backend_name="ray",
+                    backend_config=backend,
+                    server_app_context=context,
+                    app_dir=app_dir,
+                    is_app=True,
+                    verbose_logging=verbose,
+                )
         except BaseException:
             STOP.set()  # the ServerApp thread stops waiting for replies that will not come
             raise

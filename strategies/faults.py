@@ -25,6 +25,7 @@ from flwr.app import Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from fl_sim.task.arrays import array_to_numpy
 from fl_sim.task.contract import ARRAYS, META, NUM_EXAMPLES, NUM_PARTITIONS, PARTITION_ID, WHOAMI
 from fl_sim.task.keys import ConfigError
 
@@ -88,7 +89,7 @@ def check_reply(msg: Message, expected: Mapping[str, tuple[tuple[int, ...], str]
         if str(arr.dtype) != dtype:
             return f"array {key!r} has dtype {arr.dtype}, expected {dtype}"
         try:
-            values = arr.numpy()
+            values = array_to_numpy(arr)  # arr.numpy() without np.load's header parse per array
         except Exception as exc:  # corrupt bytes, bad stype
             return f"array {key!r} cannot be decoded ({type(exc).__name__}: {exc})"
         if values.shape != shape:

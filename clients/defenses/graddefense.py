@@ -52,6 +52,7 @@ slices move at random (seed 001: "Ours" vs the muted-layer attack).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -257,11 +258,27 @@ def slice_bounds(sizes: list[int], sens: list[float], num_slices: int) -> np.nda
     return bounds
 
 
+@functools.lru_cache(maxsize=64)
+def cached_slice_bounds(sizes: tuple[int, ...], sens: tuple[float, ...], num_slices: int) -> np.ndarray:
+    """:func:`slice_bounds`, computed once per (sizes, sensitivities, S) in this process (read-only array).
+
+    The sensitivities change only when they are recomputed (``defense-gd-sensitivity-every``), so every local step
+    in between reuses the same boundaries instead of rebuilding the ``(P,)`` density and its cumulative sum.
+    """
+    bounds = slice_bounds(list(sizes), list(sens), num_slices)
+    bounds.setflags(write=False)
+    return bounds
+
+
 def slice_mask(bounds: np.ndarray, chosen: torch.Tensor, total: int, device: torch.device) -> torch.Tensor:
-    """Boolean ``(P,)`` mask of the entries in the ``chosen`` slices."""
-    sid = torch.bucketize(torch.arange(total, device=device), torch.as_tensor(bounds[1:-1], device=device),
-                          right=True)
-    return torch.isin(sid, chosen.to(device))
+    """Boolean ``(P,)`` mask of the entries in the ``chosen`` slices (``[b_k, b_{k+1})`` for each chosen ``k``).
+
+    Set range by range (M slice assignments) rather than by bucketing every entry's slice id: the same mask.
+    """
+    mask = torch.zeros(total, dtype=torch.bool, device=device)
+    for k in chosen.tolist():
+        mask[int(bounds[k]) : int(bounds[k + 1])] = True
+    return mask
 
 
 def _sensitivities(ctx: StepContext) -> list[float]:
@@ -328,7 +345,7 @@ def apply(grads: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
     """Perturb M of S sensitivity-balanced slices of this step's gradient (see the module docstring)."""
     p: Params = ctx.params
     sens = _sensitivities(ctx)
-    bounds = slice_bounds([g.numel() for g in grads], sens, p.slices)
+    bounds = cached_slice_bounds(tuple(g.numel() for g in grads), tuple(sens), p.slices)
     per_sample, bound = None, 0.0
     if p.clip:
         per_sample = [g.detach() for g in per_sample_gradients(ctx)]

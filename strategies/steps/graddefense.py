@@ -33,6 +33,7 @@ import torch
 from flwr.app import ArrayRecord, Message
 
 from attacker.denoise import mp_filter, update_noise_variance
+from fl_sim.task.arrays import to_array_record, to_state_dict
 from fl_sim.task.contract import NUM_EXAMPLES, TrainConfig, reply_metrics
 from strategies.rounds import SentRound
 
@@ -69,7 +70,7 @@ def compensate(arrays: ArrayRecord, replies: list[Message], sent: SentRound, par
     """
     if not params.compensation or not replies:
         return arrays
-    state = arrays.to_torch_state_dict()
+    state = to_state_dict(arrays)  # arrays.to_torch_state_dict(), without np.load per array (fl_sim.task.arrays)
     glob = sent.state
     keys = [k for k in state if k in glob and state[k].is_floating_point()
             and not k.endswith(("running_mean", "running_var"))]
@@ -82,4 +83,4 @@ def compensate(arrays: ArrayRecord, replies: list[Message], sent: SentRound, par
         n = glob[k].numel()
         out[k] = (glob[k].double() + torch.from_numpy(filtered[pos : pos + n]).view(glob[k].shape)).to(state[k].dtype)
         pos += n
-    return ArrayRecord(out)
+    return to_array_record(out)  # ArrayRecord(out), byte for byte

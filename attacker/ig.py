@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from attacker import matching
+from attacker import chain, matching
 from attacker.labels import recover_labels
 from attacker.options import AttackOptions
 from attacker.payload import AttackPayload, AttackResult, Budget, NotApplicable
@@ -58,6 +58,14 @@ LR = 0.1
 MAX_IMAGES = 64
 #: ``ig-fedavg`` ranks at most this many label-to-step assignments in its pilot runs.
 MAX_ORDERS = 24
+#: How ``ig`` computes the objective's gradient: ``"auto"`` pulls the cosine distance back through the network
+#: with :mod:`attacker.chain` where the model is a chain (no double backward; the TV term by autograd on ``x``
+#: alone) and uses autograd otherwise; ``"autograd"`` differentiates the cosine through the
+#: ``create_graph=True`` trial gradient, as ``inversefed`` and breaching do. The two gradients agree to float
+#: rounding, so the signed-Adam trajectories agree up to the sign of near-zero entries (not bit for bit; see
+#: docs/performance.md). ``ig-fedavg`` (the unrolled steps) always uses autograd.
+ENGINE = "auto"
+ENGINES = ("auto", "autograd")
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +82,9 @@ def box(payload: AttackPayload, device: torch.device) -> tuple[torch.Tensor, tor
 
 def signed_adam(objective: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...], payload: AttackPayload,
                 budget: Budget, iterations: int, start: float, device: torch.device,
-                restarts: int | None = None, init_std: float = 1.0) -> tuple[torch.Tensor, float, int]:
+                restarts: int | None = None, init_std: float = 1.0,
+                value_and_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                ) -> tuple[torch.Tensor, float, int]:
     """Run the IG optimiser for every restart; return the best images, their objective and the iterations run.
 
     Args:
@@ -87,6 +97,8 @@ def signed_adam(objective: Callable[[torch.Tensor], torch.Tensor], shape: tuple[
         device: where ``x`` lives.
         restarts: overrides ``budget.restarts``.
         init_std: standard deviation of the Gaussian initialisation (normalised space).
+        value_and_grad: ``x -> (objective(x), ∇x objective)`` computed without autograd on ``x`` (e.g.
+            :func:`attacker.chain.value_and_grad`); ``None`` differentiates ``objective`` with autograd.
     """
     lo, hi = box(payload, device)
     gen = torch.Generator().manual_seed(int(budget.seed))
@@ -99,8 +111,12 @@ def signed_adam(objective: Callable[[torch.Tensor], torch.Tensor], shape: tuple[
         value = math.inf
         for it in range(iterations):
             opt.zero_grad(set_to_none=True)
-            loss = objective(x)
-            (x.grad,) = torch.autograd.grad(loss, x)
+            if value_and_grad is not None:
+                loss, grad = value_and_grad(x.detach())
+                x.grad = grad
+            else:
+                loss = objective(x)
+                (x.grad,) = torch.autograd.grad(loss, x)
             x.grad.sign_()
             opt.step()
             sched.step()
@@ -121,7 +137,11 @@ def signed_adam(objective: Callable[[torch.Tensor], torch.Tensor], shape: tuple[
     return best_x, best_obj, total
 
 
-def _ig(payload: AttackPayload, budget: Budget, options: AttackOptions | None) -> AttackResult:
+def _ig(payload: AttackPayload, budget: Budget, options: AttackOptions | None, engine: str | None = None
+        ) -> AttackResult:
+    engine = ENGINE if engine is None else engine
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     start = time.perf_counter()
     options = options or AttackOptions()
     model = payload.build_model(budget.device)
@@ -138,9 +158,20 @@ def _ig(payload: AttackPayload, budget: Budget, options: AttackOptions | None) -
         return target.cosine(grads) + tv * total_variation(x)
 
     shape = (payload.batch_size, *payload.input_shape)
+    fast = chain.compile_chain(model, target.needed, torch.zeros(shape, device=device)) if engine == "auto" else None
+
+    def value_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        value, gx, _ = chain.value_and_grad(fast, lambda g: target.value_and_weights(g, "cosine"), x, None, labels)
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            reg = tv * total_variation(leaf)
+            (g_tv,) = torch.autograd.grad(reg, leaf)
+        return value + reg.detach(), gx + g_tv
+
     iterations = budget.iterations or DEFAULT_ITERATIONS
     init = 1.0 if options.init_std is None else options.init_std
-    x, obj, total = signed_adam(objective, shape, payload, budget, iterations, start, device, init_std=init)
+    x, obj, total = signed_adam(objective, shape, payload, budget, iterations, start, device, init_std=init,
+                                value_and_grad=None if fast is None else value_and_grad)
     return AttackResult(x, labels.cpu(), total, time.perf_counter() - start, obj)
 
 
@@ -293,18 +324,20 @@ def check_fedavg(model: nn.Module, task: TaskConfig) -> None:
                          f"= {k * b}")
 
 
-def ig(payload: AttackPayload, budget: Budget, options: AttackOptions | None = None) -> AttackResult:
+def ig(payload: AttackPayload, budget: Budget, options: AttackOptions | None = None,
+       engine: str | None = None) -> AttackResult:
     """Inverting Gradients on a FedSGD update (see the module docstring).
 
     Args:
         payload: the server-visible update; ``batch_size`` images are reconstructed.
         budget: iterations per restart (default :data:`DEFAULT_ITERATIONS`), restarts, time limit, seed, progress.
         options: ``tv`` (default :data:`DEFAULT_TV`), ``labels``, and the adaptive knobs.
+        engine: one of :data:`ENGINES` (default :data:`ENGINE`): how the objective's gradient is computed.
 
     Returns:
         Images ``(B, C, H, W)`` in normalised space and the analytic labels.
     """
-    return _ig(payload, budget, options)
+    return _ig(payload, budget, options, engine)
 
 
 def ig_fedavg(payload: AttackPayload, budget: Budget, options: AttackOptions | None = None) -> AttackResult:

@@ -270,7 +270,8 @@ class Chain:
             ctxs.append(ctx)
         b = x.shape[0]
         s = torch.softmax(h, -1)
-        q = torch.softmax(soft, -1) if soft is not None else F.one_hot(labels, h.shape[-1]).to(h.dtype)
+        # one-hot by scatter: F.one_hot checks the labels' range with a host sync on every call
+        q = torch.softmax(soft, -1) if soft is not None else torch.zeros_like(h).scatter_(1, labels.view(-1, 1), 1.0)
         d = (s - q) / b
         ds: list[Tensor | None] = [None] * len(self.layers)
         grads: list[Tensor | None] = [None] * len(self.needed)

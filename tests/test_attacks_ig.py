@@ -124,3 +124,15 @@ def test_ig_chain_engine_reproduces_autograd_and_is_deterministic():
     assert abs(runs[0].objective - runs[1].objective) <= 1e-5 * abs(runs[1].objective)
     with pytest.raises(ValueError, match="engine"):
         ig_module.ig(payload, Budget(iterations=1), engine="jit")
+
+
+def test_total_variation_gradient_matches_autograd():
+    from attacker.ig import total_variation_and_grad
+
+    x = torch.randn(2, 3, 7, 9, dtype=torch.float64)
+    x[0, 0, 0, :2] = 0.25  # a tie: sign(0) = 0 on both sides
+    leaf = x.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(total_variation(leaf), leaf)
+    value, grad = total_variation_and_grad(x)
+    torch.testing.assert_close(value, total_variation(x))
+    torch.testing.assert_close(grad, ref)

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from attacker import lbfgs, matching
+from attacker import chain, lbfgs, matching
 from attacker.labels import recover_labels
 from attacker.options import AttackOptions
 from attacker.payload import AttackPayload, AttackResult, Budget
@@ -58,6 +58,15 @@ GIVE_UP_REL = 1e3
 PROGRESS_EVERY = 50
 #: Whether to use oneDNN (mkldnn) convolutions inside the attack (slower on the small inputs of these attacks).
 MKLDNN = False
+#: How the objective's gradient is computed (the default of the ``engine`` argument): ``"auto"`` uses
+#: :mod:`attacker.chain` where the model is a chain (no double backward; the same gradient to float rounding) and
+#: autograd otherwise; ``"autograd"`` always builds the trial gradient with ``create_graph=True`` and
+#: back-propagates the distance through it, as the original scripts do. Same seed → same result with either; the
+#: two engines' L-BFGS trajectories drift apart by rounding (iDLG on LeNet, 25 steps: 41.83 vs 41.91 dB), so
+#: ``"auto"`` is a change of the numbers (not of the algorithm) against fl-sim before it; ``"autograd"`` restores
+#: them (docs/performance.md).
+ENGINE = "auto"
+ENGINES = ("auto", "autograd")
 
 
 @contextlib.contextmanager
@@ -79,7 +88,11 @@ def _soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> to
     return torch.mean(torch.sum(-F.softmax(target_logits, dim=-1) * F.log_softmax(logits, dim=-1), dim=-1))
 
 
-def _match(payload: AttackPayload, budget: Budget, joint_labels: bool, options: AttackOptions | None) -> AttackResult:
+def _match(payload: AttackPayload, budget: Budget, joint_labels: bool, options: AttackOptions | None,
+           engine: str | None = None) -> AttackResult:
+    engine = ENGINE if engine is None else engine
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     start = time.perf_counter()
     options = options or AttackOptions()
     model = payload.build_model(budget.device)
@@ -96,9 +109,17 @@ def _match(payload: AttackPayload, budget: Budget, joint_labels: bool, options: 
                                                             payload.input_shape).to(device)
     init_std = DEFAULT_INIT_STD if options.init_std is None else options.init_std
     counter = {"evals": 0, "inner": 0}
+    fast = chain.compile_chain(model, target.needed, torch.zeros(shape, device=device)) if engine == "auto" else None
+
+    def weights(grads: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        return target.value_and_weights(grads, "l2")
 
     def fun(v: torch.Tensor) -> tuple[float, torch.Tensor]:
         counter["evals"] += 1
+        if fast is not None:
+            value, gx, gs = chain.value_and_grad(fast, weights, v[:nx].view(shape),
+                                                 v[nx:].view(b, -1) if joint_labels else None, fixed_labels)
+            return float(value), gx.reshape(-1) if gs is None else torch.cat((gx.reshape(-1), gs.reshape(-1)))
         v = v.detach().requires_grad_(True)
         x = v[:nx].view(shape)
         out = model(x)
@@ -158,29 +179,33 @@ def _match(payload: AttackPayload, budget: Budget, joint_labels: bool, options: 
     return best
 
 
-def dlg(payload: AttackPayload, budget: Budget, options: AttackOptions | None = None) -> AttackResult:
+def dlg(payload: AttackPayload, budget: Budget, options: AttackOptions | None = None,
+        engine: str | None = None) -> AttackResult:
     """DLG: joint optimisation of images and soft labels (see the module docstring).
 
     Args:
         payload: the server-visible update; its ``batch_size`` sets the number of dummy images.
         budget: iterations (L-BFGS steps, default 200), restarts, time limit, seed.
         options: adaptive knobs (ignored/weighted layers, mask inference, clipping replication).
+        engine: one of :data:`ENGINES` (default :data:`ENGINE`): how the objective's gradient is computed.
 
     Returns:
         Images ``(B, C, H, W)`` in normalised space and the argmax of the optimised label logits.
     """
-    return _match(payload, budget, True, options)
+    return _match(payload, budget, True, options, engine)
 
 
-def idlg(payload: AttackPayload, budget: Budget, options: AttackOptions | None = None) -> AttackResult:
+def idlg(payload: AttackPayload, budget: Budget, options: AttackOptions | None = None,
+         engine: str | None = None) -> AttackResult:
     """iDLG: analytic labels from the last layer, then L2 gradient matching on the images only.
 
     Args:
         payload: the server-visible update.
         budget: iterations (L-BFGS steps, default 200), restarts, time limit, seed.
         options: adaptive knobs (ignored/weighted layers, mask inference, clipping replication).
+        engine: one of :data:`ENGINES` (default :data:`ENGINE`): how the objective's gradient is computed.
 
     Returns:
         Images ``(B, C, H, W)`` in normalised space and the analytic labels.
     """
-    return _match(payload, budget, False, options)
+    return _match(payload, budget, False, options, engine)

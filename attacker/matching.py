@@ -84,6 +84,45 @@ class Target:
         a = self.trial_vector(grads)
         return 1.0 - (a * self.flat).sum() / (a.norm() * math.sqrt(self.norm_sq) + 1e-20)
 
+    def value_and_weights(self, grads: list[torch.Tensor], kind: str) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """The distance ``kind`` (``"l2"`` or ``"cosine"``) of detached trial gradients and its gradient ``w``.
+
+        ``w = ∂L/∂g`` is what :mod:`attacker.chain` pulls back through the network (``J_gᵀ w``). Without clipping
+        it is written out (``l2``: ``2 s ⊙ (s ⊙ a − t)``; ``cosine``: ``s ⊙ (−t/D + c·n_t·a/(n_a·D²))`` with
+        ``D = n_a n_t + 1e-20``, ``c = ⟨a, t⟩``, ``s`` the per-entry scale), the same expressions autograd derives
+        from :meth:`l2` and :meth:`cosine`; with clipping autograd differentiates the clip factor too.
+
+        Args:
+            grads: one tensor per needed parameter (``needed`` order), shaped like the parameter.
+            kind: ``"l2"`` or ``"cosine"``.
+
+        Returns:
+            ``(value, w)``: a 0-dim tensor and one tensor per needed parameter (``None`` where ``w`` is zero).
+        """
+        if self.clip > 0:
+            leaves = [g.detach().requires_grad_(True) for g in grads]
+            with torch.enable_grad():
+                value = self.l2(leaves) if kind == "l2" else self.cosine(leaves)
+                w = torch.autograd.grad(value, leaves, allow_unused=True)
+            return value.detach(), list(w)
+        a = self.trial_vector(grads)
+        if kind == "l2":
+            r = a - self.flat
+            value = (r * r).sum()
+            wv = 2 * r
+        else:
+            na, nt = a.norm(), math.sqrt(self.norm_sq)
+            den = na * nt + 1e-20
+            c = (a * self.flat).sum()
+            value = 1.0 - c / den
+            wv = self.flat * (-1 / den) + a * (c * nt / (na * den * den))
+        if self.scale is not None:
+            wv = wv * self.scale
+        w: list[torch.Tensor | None] = [None] * len(grads)
+        for j, part in zip(self.active, wv.split([grads[j].numel() for j in self.active])):
+            w[j] = part.view(grads[j].shape)
+        return value, w
+
 
 def prepare(payload: AttackPayload, model: nn.Module, options: AttackOptions | None = None) -> Target:
     """Build the :class:`Target` for ``model`` (the attacker's copy of the global model) from ``payload``.

@@ -13,14 +13,22 @@
 * **IG iterations per second** on the untrained ReLU ConvNet (3×32×32, B = 1), next to the reference loop's
   closure evaluations per second on LeNet.
 
+* **Engines** (``--engines``): the objective's gradient by autograd's double backward (``engine="autograd"``,
+  the original scripts' way) against :mod:`attacker.chain` (``"auto"``, the default), side by side in one
+  process: milliseconds per evaluation (interleaved repetitions, median), the evaluation's arithmetic
+  (``torch.utils.flop_counter``) and its floor at this machine's single-thread SGEMM rate (measured in the same
+  run), then whole attacks: iDLG's time to 40 dB and IG's iterations per second with either engine.
+
 Wall and CPU (``time.process_time``) seconds are both printed; on a shared machine the CPU ratio is the steadier.
-Run: ``python benchmarks/bench_attacks.py [--seeds N]``.
+Every mode ends with one JSON line of its headline figures.
+Run: ``python benchmarks/bench_attacks.py [--seeds N]`` or ``python benchmarks/bench_attacks.py --engines``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -32,7 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attacker import ATTACKS, AttackOptions, Budget  # noqa: E402
+from attacker import ATTACKS, AttackOptions, Budget, chain, dlg, ig, matching  # noqa: E402
 from fl_sim.audit import fedsgd_payload  # noqa: E402
 from fl_sim.task.datasets import DATASETS, denormalize, to_tensor  # noqa: E402
 from strategies.metrics import psnr  # noqa: E402
@@ -116,19 +124,130 @@ def fl_sim_idlg(payload, x, seed: int, options: AttackOptions | None = None) -> 
 
 def ig_rate(x, y, iterations: int = 200) -> dict:
     _, _, payload = victim("convnet", x, y, 0)
+    ATTACKS["ig"].run(payload, Budget(iterations=5))  # untimed: the first call sets up oneDNN's kernels (~1.5 s)
     w0, c0 = time.perf_counter(), time.process_time()
     res = ATTACKS["ig"].run(payload, Budget(iterations=iterations))
     return {"it_per_s": res.iterations / (time.perf_counter() - w0),
             "it_per_cpu_s": res.iterations / (time.process_time() - c0)}
 
 
+def sgemm_gflops(n: int = 512, reps: int = 20) -> float:
+    """This machine's single-thread float32 matrix-multiply rate (the arithmetic floor's unit), best of ``reps``."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def closures(model_name: str, kind: str, x: torch.Tensor, y: torch.Tensor):
+    """The iDLG (``l2``) or IG (``cosine``) objective's value-and-gradient by either engine, on one victim."""
+    _, _, payload = victim(model_name, x, y, 0)
+    model = payload.build_model("cpu")
+    target = matching.prepare(payload, model)
+    fast = chain.compile_chain(model, target.needed, torch.zeros_like(x))
+    params = target.needed_params
+
+    def autograd(v):
+        v = v.detach().requires_grad_(True)
+        g = torch.autograd.grad(F.cross_entropy(model(v), y), params, create_graph=True)
+        d = target.l2(g) if kind == "l2" else target.cosine(g)
+        return torch.autograd.grad(d, v)[0]
+
+    def chained(v):
+        return chain.value_and_grad(fast, lambda g: target.value_and_weights(g, kind), v, None, y)[1]
+
+    return {"autograd": autograd, "chain": chained}
+
+
+def per_eval(fns: dict, v: torch.Tensor, rounds: int = 15, reps: int = 20) -> dict:
+    """Median milliseconds per call of each function, the functions interleaved round by round."""
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        f(v)
+    for _ in range(rounds):
+        for k, f in fns.items():
+            c0 = time.process_time()
+            for _ in range(reps):
+                f(v)
+            times[k].append((time.process_time() - c0) / reps * 1e3)
+    return {k: statistics.median(t) for k, t in times.items()}
+
+
+def flops(f, v: torch.Tensor) -> float | None:
+    """Floating-point operations of ``f(v)`` (convolutions and matrix products) by ``torch.utils.flop_counter``;
+    ``None`` where the counter cannot follow the call (its module hooks reject ``autograd.grad`` of a leaf)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with FlopCounterMode(display=False) as counter:
+            f(v)
+    except RuntimeError:
+        return None
+    return float(counter.get_total_flops())
+
+
+def engines(x: torch.Tensor, y: torch.Tensor, seed: int, ig_iterations: int) -> dict:
+    """Side by side in one process: per-evaluation cost, floors, and whole attacks with each engine."""
+    rate = sgemm_gflops()
+    out: dict = {"sgemm_gflops_1thread": round(rate, 1)}
+    print(f"single-thread SGEMM (512^3): {rate:.1f} GFLOP/s", flush=True)
+    for label, model_name, kind, mk in (("idlg_lenet", "lenet", "l2", dlg.MKLDNN), ("ig_convnet", "convnet", "cosine", True)):
+        fns = closures(model_name, kind, x, y)
+        v = torch.randn_like(x) * 0.5
+        with dlg.mkldnn(mk):
+            ms = per_eval(fns, v)
+            fl = {"chain": flops(fns["chain"], v)}
+        floor_ms = fl["chain"] / (rate * 1e9) * 1e3
+        out[label] = {"ms_per_eval": {k: round(t, 3) for k, t in ms.items()},
+                      "mflop_per_eval_chain": round(fl["chain"] / 1e6, 2),
+                      "floor_ms": round(floor_ms, 3), "chain_over_floor": round(ms["chain"] / floor_ms, 2),
+                      "chain_speedup": round(ms["autograd"] / ms["chain"], 3)}
+        print(f"{label}: ms per evaluation (CPU, median) autograd {ms['autograd']:.3f}, chain {ms['chain']:.3f} "
+              f"({ms['autograd'] / ms['chain']:.2f}x); {fl['chain'] / 1e6:.1f} MFLOP (convolutions and matrix "
+              f"products of the chain pass); floor {floor_ms:.3f} ms at {rate:.0f} GFLOP/s, chain is "
+              f"{ms['chain'] / floor_ms:.1f}x the floor", flush=True)
+    _, _, lenet_payload = victim("lenet", x, y, seed)
+    _, _, convnet_payload = victim("convnet", x, y, seed)
+    saved = (dlg.ENGINE, ig.ENGINE)
+    ATTACKS["ig"].run(convnet_payload, Budget(iterations=5, seed=seed))  # untimed warm-up (oneDNN kernel set-up)
+    try:
+        for eng in ("autograd", "auto"):
+            dlg.ENGINE = ig.ENGINE = eng
+            res = fl_sim_idlg(lenet_payload, x, seed)
+            c0, w0 = time.process_time(), time.perf_counter()
+            r = ATTACKS["ig"].run(convnet_payload, Budget(iterations=ig_iterations, seed=seed))
+            ig_cpu, ig_wall = time.process_time() - c0, time.perf_counter() - w0
+            out[f"engine_{eng}"] = {"idlg_wall_s": res["wall"], "idlg_cpu_s": res["cpu"], "idlg_steps": res["steps"],
+                                    "idlg_closures": res["closures"], "ig_it_per_s": round(r.iterations / ig_wall, 2),
+                                    "ig_it_per_cpu_s": round(r.iterations / ig_cpu, 2)}
+            print(f"engine {eng}: iDLG to {TARGET_DB:.0f} dB {res['wall']:.2f} s wall / {res['cpu']:.2f} s CPU "
+                  f"({res['closures']} closures); IG {r.iterations / ig_wall:.1f} it/s wall, "
+                  f"{r.iterations / ig_cpu:.1f} per CPU s", flush=True)
+    finally:
+        dlg.ENGINE, ig.ENGINE = saved
+    a, c = out["engine_autograd"], out["engine_auto"]
+    if a["idlg_cpu_s"] and c["idlg_cpu_s"]:
+        out["idlg_cpu_ratio_chain_vs_autograd"] = round(c["idlg_cpu_s"] / a["idlg_cpu_s"], 3)
+    out["ig_rate_ratio_chain_vs_autograd"] = round(c["ig_it_per_cpu_s"] / a["ig_it_per_cpu_s"], 3)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="model initialisations (and dummy seeds) to time")
+    parser.add_argument("--engines", action="store_true", help="compare the gradient engines side by side instead")
+    parser.add_argument("--ig-iterations", type=int, default=500, help="IG iterations per engine with --engines")
     args = parser.parse_args()
     torch.set_num_threads(1)
     x = to_tensor(photo(), MEAN, STD)
     y = torch.tensor([3])
+    if args.engines:
+        print(json.dumps({"bench": "attack-engines", **engines(x, y, 0, args.ig_iterations)}))
+        return
     rows = []
     for seed in range(args.seeds):
         model, target, payload = victim("lenet", x, y, seed)
@@ -167,11 +286,12 @@ def main() -> None:
     print(f"IG on the ConvNet (3x32x32, B=1): {rate['it_per_s']:.1f} iterations/s wall "
           f"({rate['it_per_cpu_s']:.1f} per CPU s); reference loop on LeNet: {ref_rate:.1f} closures/s")
     # the headline figures, one JSON line (ratios: fl-sim time to 40 dB / the reference's, median over seeds)
-    both = [(r[1], r[2]) for r in rows if r[1]["wall"] and r[2]["wall"]]
-    med = lambda key: statistics.median(o[key] / r[key] for r, o in both) if both else None  # noqa: E731
+    both = [(row[1], row[2]) for row in rows if row[1]["wall"] and row[2]["wall"]]
+    med = lambda key: round(statistics.median(o[key] / r[key] for r, o in both), 4) if both else None  # noqa: E731
     print(json.dumps({"bench": "attacks", "seeds": args.seeds,
                       "idlg_40db_ratio_wall": med("wall"), "idlg_40db_ratio_cpu": med("cpu"),
-                      "ig_it_per_s": round(rate["it_per_s"], 2), "reference_closures_per_s": round(ref_rate, 2)}))
+                      "ig_it_per_s": round(rate["it_per_s"], 2), "ig_it_per_cpu_s": round(rate["it_per_cpu_s"], 2),
+                      "reference_closures_per_s": round(ref_rate, 2)}))
 
 
 if __name__ == "__main__":

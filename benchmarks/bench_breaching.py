@@ -13,7 +13,7 @@ the same model weights.
 * **Inverting Gradients, 2,000 iterations** on fl-sim's ReLU ConvNet (``convnet``), B = 1: iterations per second
   of fl-sim's ``ig`` against breaching's ``invertinggradients`` configuration with ``max_iterations=2000``
   (cosine distance, signed Adam, lr 0.1, step decay, TV, box; its TV scale 0.2 against fl-sim's 1e-2 does not
-  change the cost of an iteration).
+  change the cost of an iteration). Each side first runs :data:`WARMUP` untimed iterations (kernel set-up).
 
 Same weights on both sides: fl-sim's ``lenet`` weights are copied into breaching's own ``LeNetZhu`` (the same
 architecture: ``features.k`` → ``body.k``, ``fc`` → ``fc.0``); breaching has no model equal to fl-sim's
@@ -28,8 +28,10 @@ breaching is run unmodified from its own virtual environment (it needs ``hydra-c
                                          [--seed 0] [--ig-iterations 2000]
 
 (also ``BREACHING_SRC`` / ``BREACHING_VENV``). Where either is missing it says so and exits 0. None of breaching's
-code is part of fl-sim. The last line is one JSON object with the two ratios (fl-sim's time / breaching's time to
-40 dB; fl-sim's iterations per second / breaching's).
+code is part of fl-sim. fl-sim runs once per gradient engine (``--engines auto,autograd``: :mod:`attacker.chain`,
+the default, and autograd's double backward, fl-sim before it), then breaching, all in one run. The last line is
+one JSON object with the two ratios per engine (fl-sim's time / breaching's time to 40 dB; fl-sim's iterations per
+second / breaching's); the unsuffixed ratios are the first engine's.
 """
 
 from __future__ import annotations
@@ -51,8 +53,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_attacks import MEAN, STD, TARGET_DB, fl_sim_idlg, photo, victim  # noqa: E402
 
-from attacker import ATTACKS, Budget  # noqa: E402
+from attacker import ATTACKS, Budget, dlg, ig  # noqa: E402
 from fl_sim.task.datasets import to_tensor  # noqa: E402
+
+#: Untimed Inverting Gradients iterations before the timed run, on each side: the first call of a process spends
+#: ~1.5 s setting up oneDNN's convolution kernels for the ConvNet's shapes, which is not an iteration's cost.
+WARMUP = 5
 
 #: What runs in breaching's virtual environment: breaching's own code, imported from its source folder.
 BREACHING_SIDE = textwrap.dedent('''
@@ -105,20 +111,23 @@ BREACHING_SIDE = textwrap.dedent('''
     def timed_step(self, closure):  # wraps torch's optimizer, not breaching: a timestamp and a snapshot per step
         out = step(self, closure)
         clock["busy"] += time.perf_counter() - clock["since"]
-        trace.append((clock["busy"], self.param_groups[0]["params"][0].detach().clone()))
+        clock["cpu"] += time.process_time() - clock["cpu_since"]
+        trace.append((clock["busy"], self.param_groups[0]["params"][0].detach().clone(), clock["cpu"]))
         reached = psnr(trace[-1][1] * ds + dm, truth) >= case["target_db"]
-        clock["since"] = time.perf_counter()
+        clock["since"], clock["cpu_since"] = time.perf_counter(), time.process_time()
         if reached:  # breaching's loop ends a trial on KeyboardInterrupt and keeps its best candidate
             raise KeyboardInterrupt
         return out
 
     torch.optim.LBFGS.step = timed_step
     torch.manual_seed(case["seed"])
-    clock.update(busy=0.0, since=time.perf_counter())
+    clock.update(busy=0.0, since=time.perf_counter(), cpu=0.0, cpu_since=time.process_time())
     rec, _ = attacker.reconstruct(server, shared, {}, dryrun=False)
     torch.optim.LBFGS.step = step
-    hit = next(((i + 1, t) for i, (t, c) in enumerate(trace) if psnr(c * ds + dm, truth) >= case["target_db"]), None)
+    hit = next(((i + 1, t, cpu) for i, (t, c, cpu) in enumerate(trace) if psnr(c * ds + dm, truth) >= case["target_db"]),
+               None)
     result["dlg"] = {"steps_to_target": hit and hit[0], "seconds_to_target": hit and hit[1],
+                     "cpu_seconds_to_target": hit and hit[2],
                      "label": rec["labels"].tolist(), "steps_run": len(trace),
                      "final_psnr": psnr(trace[-1][1] * ds + dm, truth) if trace else None}
 
@@ -143,13 +152,16 @@ BREACHING_SIDE = textwrap.dedent('''
                                               for a, b in zip(grads, case["convnet_grads"]))
     cfg = breaching.get_attack_config("invertinggradients")
     cfg.label_strategy = "iDLG"
-    cfg.optim.max_iterations, cfg.optim.callback = case["ig_iterations"], 10**9
+    cfg.optim.max_iterations, cfg.optim.callback = case["warmup"], 10**9  # untimed: first-call kernel set-up
+    breaching.attacks.prepare_attack(convnet, loss_fn, cfg, setup).reconstruct(server, shared, {}, dryrun=False)
+    cfg.optim.max_iterations = case["ig_iterations"]
     attacker = breaching.attacks.prepare_attack(convnet, loss_fn, cfg, setup)
     torch.manual_seed(case["seed"])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     rec, _ = attacker.reconstruct(server, shared, {}, dryrun=False)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     result["ig"] = {"iterations": case["ig_iterations"], "seconds": wall, "it_per_s": case["ig_iterations"] / wall,
+                    "it_per_cpu_s": case["ig_iterations"] / cpu,
                     "psnr": psnr(rec["data"] * ds + dm, truth)}
     json.dump(result, open(out_path, "w"))
 ''')
@@ -163,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="model initialisation and dummy seed")
     p.add_argument("--ig-iterations", type=int, default=2000)
     p.add_argument("--dlg-steps", type=int, default=300, help="L-BFGS steps breaching runs at most")
+    p.add_argument("--engines", default="auto,autograd",
+                   help="fl-sim gradient engines to time, comma-separated (attacker.dlg.ENGINES)")
     args = p.parse_args(argv)
     python = args.breaching_venv / "bin" / "python"
     if not (args.breaching_src / "breaching" / "__init__.py").is_file() or not python.is_file():
@@ -176,12 +190,23 @@ def main(argv: list[str] | None = None) -> int:
     lenet, lenet_grads, dlg_payload = victim("lenet", x, y, args.seed)
     convnet, convnet_grads, ig_payload = victim("convnet", x, y, args.seed)
 
-    # fl-sim, then breaching, on the same case
-    ours = fl_sim_idlg(dlg_payload, x, args.seed)
-    t0 = time.perf_counter()
-    res = ATTACKS["ig"].run(ig_payload, Budget(iterations=args.ig_iterations, seed=args.seed))
-    ig_wall = time.perf_counter() - t0
-    ours_ig = {"iterations": res.iterations, "seconds": ig_wall, "it_per_s": res.iterations / ig_wall}
+    # fl-sim (each engine), then breaching, on the same case
+    runs = {}
+    saved = (dlg.ENGINE, ig.ENGINE)
+    try:
+        for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
+            if engine not in dlg.ENGINES:
+                raise SystemExit(f"--engines: {engine!r} is not one of {dlg.ENGINES}")
+            dlg.ENGINE = ig.ENGINE = engine
+            ours = fl_sim_idlg(dlg_payload, x, args.seed)
+            ATTACKS["ig"].run(ig_payload, Budget(iterations=WARMUP, seed=args.seed))  # untimed, as breaching's
+            t0, c0 = time.perf_counter(), time.process_time()
+            res = ATTACKS["ig"].run(ig_payload, Budget(iterations=args.ig_iterations, seed=args.seed))
+            ig_wall, ig_cpu = time.perf_counter() - t0, time.process_time() - c0
+            runs[engine] = (ours, {"iterations": res.iterations, "seconds": ig_wall,
+                                   "it_per_s": res.iterations / ig_wall, "it_per_cpu_s": res.iterations / ig_cpu})
+    finally:
+        dlg.ENGINE, ig.ENGINE = saved
 
     commit = (args.breaching_src / ".commit").read_text().strip() if (args.breaching_src / ".commit").exists() else None
     with tempfile.TemporaryDirectory(prefix="bench-breaching-") as tmp:
@@ -189,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.save({"x": x.contiguous(), "y": y, "mean": list(MEAN), "std": list(STD), "seed": args.seed, "commit": commit,
                     "lenet": lenet.state_dict(), "lenet_grads": lenet_grads, "convnet": convnet.state_dict(),
                     "convnet_grads": convnet_grads, "target_db": TARGET_DB, "dlg_steps": args.dlg_steps,
-                    "ig_iterations": args.ig_iterations}, case)
+                    "ig_iterations": args.ig_iterations, "warmup": WARMUP}, case)
         script, out = Path(tmp) / "breaching_side.py", Path(tmp) / "out.json"
         script.write_text(BREACHING_SIDE)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -201,25 +226,40 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"breaching's side failed with code {done.returncode}")
         theirs = json.loads(out.read_text())
 
-    dlg = theirs["dlg"]
+    dlg_b = theirs["dlg"]
     print(f"breaching {theirs.get('commit') or '(commit unknown)'}; same weights: gradient max |diff| "
           f"LeNet {theirs['lenet_grad_max_abs_diff']:.2e}, ConvNet {theirs['convnet_grad_max_abs_diff']:.2e}")
     fmt = lambda v: "never" if v is None else f"{v:.2f} s"  # noqa: E731
-    print(f"(a) iDLG to {TARGET_DB:.0f} dB on DLG's LeNet: fl-sim {fmt(ours['wall'])} ({ours['steps']} steps, "
-          f"{ours['closures']} closures); breaching deepleakage + iDLG labels {fmt(dlg['seconds_to_target'])} "
-          f"({dlg['steps_to_target']} L-BFGS steps; label {dlg['label']}, final {dlg['final_psnr']:.1f} dB after "
-          f"{dlg['steps_run']} steps)")
-    print(f"(b) Inverting Gradients, {args.ig_iterations} iterations on the ReLU ConvNet: fl-sim "
-          f"{ours_ig['it_per_s']:.1f} it/s ({ours_ig['seconds']:.1f} s); breaching {theirs['ig']['it_per_s']:.1f} it/s "
-          f"({theirs['ig']['seconds']:.1f} s, {theirs['ig']['psnr']:.1f} dB)")
-    dlg_ratio = (ours["wall"] / dlg["seconds_to_target"]) if ours["wall"] and dlg["seconds_to_target"] else None
-    ig_ratio = ours_ig["it_per_s"] / theirs["ig"]["it_per_s"]
-    print(json.dumps({"bench": "breaching", "seed": args.seed,
-                      "idlg_time_to_40db_ratio": None if dlg_ratio is None else round(dlg_ratio, 4),
-                      "ig_it_per_s_ratio": round(ig_ratio, 4),
-                      "fl_sim_idlg_s": ours["wall"], "breaching_idlg_s": dlg["seconds_to_target"],
-                      "fl_sim_ig_it_per_s": round(ours_ig["it_per_s"], 2),
-                      "breaching_ig_it_per_s": round(theirs["ig"]["it_per_s"], 2)}))
+    summary: dict = {"bench": "breaching", "seed": args.seed, "breaching_idlg_s": dlg_b["seconds_to_target"],
+                     "breaching_idlg_cpu_s": dlg_b.get("cpu_seconds_to_target"),
+                     "breaching_ig_it_per_s": round(theirs["ig"]["it_per_s"], 2)}
+    for k, (engine, (ours, ours_ig)) in enumerate(runs.items()):
+        print(f"(a) iDLG to {TARGET_DB:.0f} dB on DLG's LeNet: fl-sim [{engine}] {fmt(ours['wall'])} "
+              f"({ours['steps']} steps, {ours['closures']} closures); breaching deepleakage + iDLG labels "
+              f"{fmt(dlg_b['seconds_to_target'])} ({dlg_b['steps_to_target']} L-BFGS steps; label {dlg_b['label']}, "
+              f"final {dlg_b['final_psnr']:.1f} dB after {dlg_b['steps_run']} steps)")
+        print(f"(b) Inverting Gradients, {args.ig_iterations} iterations on the ReLU ConvNet: fl-sim [{engine}] "
+              f"{ours_ig['it_per_s']:.1f} it/s ({ours_ig['seconds']:.1f} s); breaching {theirs['ig']['it_per_s']:.1f} "
+              f"it/s ({theirs['ig']['seconds']:.1f} s, {theirs['ig']['psnr']:.1f} dB)")
+        dlg_ratio = (ours["wall"] / dlg_b["seconds_to_target"]) if ours["wall"] and dlg_b["seconds_to_target"] \
+            else None
+        ig_ratio = ours_ig["it_per_s"] / theirs["ig"]["it_per_s"]
+        cpu_b = dlg_b.get("cpu_seconds_to_target")
+        dlg_cpu_ratio = (ours["cpu"] / cpu_b) if ours["cpu"] and cpu_b else None
+        ig_cpu_ratio = ours_ig["it_per_cpu_s"] / theirs["ig"]["it_per_cpu_s"]
+        print(f"    CPU seconds (steadier on a shared machine): iDLG ratio "
+              f"{'n/a' if dlg_cpu_ratio is None else f'{dlg_cpu_ratio:.3f}'} ({fmt(ours['cpu'])} vs {fmt(cpu_b)}); "
+              f"IG ratio {ig_cpu_ratio:.3f} ({ours_ig['it_per_cpu_s']:.1f} vs {theirs['ig']['it_per_cpu_s']:.1f} "
+              f"it per CPU s)")
+        suffix = "" if k == 0 else f"_{engine}"
+        summary.update({f"idlg_time_to_40db_ratio{suffix}": None if dlg_ratio is None else round(dlg_ratio, 4),
+                        f"ig_it_per_s_ratio{suffix}": round(ig_ratio, 4), f"fl_sim_idlg_s{suffix}": ours["wall"],
+                        f"fl_sim_ig_it_per_s{suffix}": round(ours_ig["it_per_s"], 2),
+                        f"idlg_cpu_ratio{suffix}": None if dlg_cpu_ratio is None else round(dlg_cpu_ratio, 4),
+                        f"ig_cpu_ratio{suffix}": round(ig_cpu_ratio, 4)})
+        if k == 0:
+            summary["engine"] = engine
+    print(json.dumps(summary))
     return 0
 
 

@@ -5,6 +5,11 @@ secrets in place (``on_model``); :func:`client_update` then trains it with the d
 (:func:`clients.training.local_train`), lets the defense touch what leaves (``on_reply``) and collects the metrics
 the reply carries. The ClientApp, the one-shot audit and the benchmarks all call these functions; none of them
 holds a second copy of the train config or of the local-steps rule (:class:`fl_sim.task.contract.TrainConfig`).
+
+``send-buffers=false`` keeps the BatchNorm buffers on the client, as FedBN does (Li et al., ICLR 2021; only the
+buffers here, the BatchNorm affine parameters still travel): the reply carries the global buffers unchanged, the
+client's own buffers after training stay in its ``Context.state`` (:data:`LOCAL_BUFFERS`) and replace the global
+ones when the next round's (or an evaluation's) model is prepared.
 """
 
 from __future__ import annotations
@@ -15,14 +20,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import RecordDict
+from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
 from clients.config import ClientSpec
 from clients.training import local_train
 from fl_sim.task.contract import DEFENSE_TIME, NUM_EXAMPLES, TRAIN_LOSS, TRAIN_TIME, TrainConfig
 from fl_sim.task.datasets import DATASETS, Dataset
-from fl_sim.task.models import build_model
+from fl_sim.task.models import batchnorm_buffers, build_model
+
+#: ``Context.state`` record of the client's own BatchNorm buffers under ``send-buffers=false``.
+LOCAL_BUFFERS = "local-batchnorm-buffers"
 
 
 @dataclass
@@ -59,6 +67,8 @@ def prepare_model(spec: ClientSpec, global_state: Mapping[str, torch.Tensor], st
     ds = DATASETS[spec.task.dataset]
     model = build_model(spec.task.model, ds.input_shape, ds.num_classes)
     model.load_state_dict(dict(global_state))
+    if not spec.task.send_buffers and LOCAL_BUFFERS in state:
+        model.load_state_dict(state[LOCAL_BUFFERS].to_torch_state_dict(), strict=False)
     model.to(device)
     t = time.perf_counter()
     if spec.defense.on_model is not None:
@@ -91,6 +101,10 @@ def client_update(spec: ClientSpec, global_state: Mapping[str, torch.Tensor], da
     model, hooks_s = prepare_model(spec, global_state, state, once_seed, device)
     res = local_train(model, data, partition, train_config, spec.defense, spec.params, state, round_seed, device)
     out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if not spec.task.send_buffers:
+        kept = batchnorm_buffers(model)
+        state[LOCAL_BUFFERS] = ArrayRecord({k: out[k].clone() for k in kept})
+        out = {**out, **{k: global_state[k].detach().cpu().clone() for k in kept}}
     t = time.perf_counter()
     if spec.defense.on_reply is not None:
         out = spec.defense.on_reply(out, state, spec.params)

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from attacker import dlg, ig, rgap
+from attacker import dlg, gradinversion, ig, rgap
 from attacker import options as attack_options
 from attacker.options import AttackOptions
 from attacker.payload import (SERVER_CONFIG, AttackPayload, AttackResult, Budget, DefenseInfo, ThreatModel,
@@ -68,6 +68,10 @@ ATTACKS.register("rgap", Attack(rgap.rgap, SERVER_CONFIG, "R-GAP (Zhu & Blaschko
 ATTACKS.register("ig-fedavg", Attack(ig.ig_fedavg, SERVER_CONFIG, "Inverting Gradients on multi-step updates: "
                                                                   "unrolls the K local SGD steps the server set",
                                      ig.check_fedavg, example={"mode": "fedavg", "local-steps": 2}))
+ATTACKS.register("gradinversion", Attack(gradinversion.gradinversion,
+                                         ThreatModel(num_examples=True, local_hyperparams=True, bn_statistics=True),
+                                         "GradInversion (Yin et al. 2021): L2 matching + BatchNorm-statistics, TV, "
+                                         "l2 and group priors, Adam", example={"model": "resnet20", "batch-size": 2}))
 
 #: The key that chooses the attack, and the keys of its :class:`Budget`.
 ATTACK_KEY = {"attack": Key("idlg", "gradient-inversion attack the server runs", choices=lambda: list(ATTACKS))}

@@ -58,8 +58,8 @@ KEYS: dict[str, Key] = {
                                   "(0 = off)", low=0),
     "attack-clip-scope": Key("gradient", "what the clipping bound applied to: each local step's gradient or the "
                                          "weight update", choices=CLIP_SCOPES),
-    "attack-tv": Key(-1.0, "total-variation weight of attacks with an image prior (ig, ig-fedavg; negative = the "
-                           "attack's default)", low=-1),
+    "attack-tv": Key(-1.0, "total-variation weight of attacks with an image prior (ig, ig-fedavg, gradinversion; "
+                           "negative = the attack's default)", low=-1),
     "attack-init-std": Key(-1.0, "std of the Gaussian initialisation of the dummy images in normalised space "
                                  "(negative = the attack's default: dlg/idlg 0.1, ig 1)", low=-1),
     "attack-labels": Key("auto", "label recovery for batches of B > 1 (B = 1 always uses iDLG's exact rule)",
@@ -69,7 +69,7 @@ KEYS: dict[str, Key] = {
     "attack-bn-weight": Key(-1.0, "weight of the BatchNorm-statistics prior of attacks that have one (gradinversion; "
                                   "negative = the attack's default, 0.1)", low=-1),
     "attack-group-weight": Key(-1.0, "weight of the group-consistency term that pulls the attack-restarts members "
-                                     "towards their mean (gradinversion; negative = the attack's default, 0.01)",
+                                     "towards their mean (gradinversion; negative = the attack's default, 1)",
                                low=-1),
     "attack-denoise": Key("none", "denoise the observed update before matching: mp = Marchenko-Pastur filtering "
                                   "with the noise variance the defense's public parameters imply (GradDefense)",

@@ -36,7 +36,7 @@ def run(attack: str, images: list[Path], labels: list[int], iterations: int, res
         cmd += ["--image", str(img), "--label", str(lab)]
     cmd += [f"attack-iterations={iterations}", f"attack-restarts={restarts}", "attack-time-limit=0", f"seed={seed}",
             f"send-buffers={'true' if buffers else 'false'}", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)}\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     return json.loads((out / "attack.json").read_text())

@@ -149,7 +149,7 @@ def test_gradinversion_runs_inside_fl_sim_run(tmp_path):
     proc = subprocess.run(
         [str(exe), "run", "num-supernodes=2", "num-server-rounds=1", "model=resnet20", "batch-size=2",
          "attack=gradinversion", "attack-iterations=3", "round-timeout=300", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (attack,) = json.loads((out / "summary.json").read_text())["attacks"]

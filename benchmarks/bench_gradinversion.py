@@ -2,15 +2,16 @@
 
 The photos are scikit-image's astronaut, chelsea, coffee and rocket (labels 2, 3, 8, 0; distinct, as Yin et al.'s
 label rule assumes), resized to 3×32×32 with CIFAR-10's normalisation; the model is the untrained ``resnet20``
-(seed 0), the client takes one FedSGD step on the four images (``batch-size=4``, BatchNorm in train mode), and its
-reply carries the BatchNorm buffers (``send-buffers=true``) unless ``--no-buffers``. Every attack gets the same
-iteration budget (``attack-iterations`` per restart, ``attack-restarts`` restarts; GradInversion's restarts are
-its group members) and no time limit. Each row is one ``fl-sim attack`` call; the table is printed as it runs.
+(built from the run seed), the client takes one FedSGD step on the four images (``batch-size=4``, BatchNorm in
+train mode), and its reply carries the BatchNorm buffers (``send-buffers=true``) unless ``--no-buffers``. Every
+attack gets the same iteration budget (``attack-iterations`` per restart, ``attack-restarts`` restarts;
+GradInversion's restarts are its group members) and no time limit. Each row is one ``fl-sim attack`` call; the
+table is printed as it runs.
 
 Usage::
 
-    python benchmarks/bench_gradinversion.py [--iterations N] [--restarts R] [--seeds S] [--no-buffers]
-                                              [--attacks gradinversion,ig] [KEY=VALUE ...]
+    python benchmarks/bench_gradinversion.py [--iterations N] [--restarts R] [--seeds S] [--first-seed S0]
+                                              [--no-buffers] [--attacks gradinversion,ig] [KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=2000)
     ap.add_argument("--restarts", type=int, default=1)
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--no-buffers", action="store_true")
     ap.add_argument("--attacks", default="gradinversion,ig")
     ap.add_argument("extra", nargs="*", help="more KEY=VALUE overrides for every call")
@@ -65,7 +67,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|")
         means: dict[str, list[float]] = {}
         for attack in args.attacks.split(","):
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 rec = run(attack, images, list(PHOTOS.values()), args.iterations, args.restarts, seed,
                           not args.no_buffers, args.extra, tmp / f"{attack}-{seed}")
                 means.setdefault(attack, []).append(rec["psnr"])

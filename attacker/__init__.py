@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from attacker import dimitrov, dlg, grnn, ig, rgap
+from attacker import dimitrov, dlg, gradinversion, grnn, ig, rgap
 from attacker import options as attack_options
 from attacker.options import AttackOptions
 from attacker.payload import (SERVER_CONFIG, AttackError, AttackPayload, AttackResult, Budget, BudgetExhausted,
@@ -91,6 +91,10 @@ ATTACKS.register("dimitrov", Attack(dimitrov.dimitrov, SERVER_CONFIG, "Dimitrov 
                                     "multi-epoch FedAvg update, per-epoch images tied by an order-invariant prior",
                                     example={"mode": "fedavg", "local-epochs": 2, "batch-size": 2},
                                     images=dimitrov.update_images))
+ATTACKS.register("gradinversion", Attack(gradinversion.gradinversion,
+                                         ThreatModel(num_examples=True, local_hyperparams=True, bn_statistics=True),
+                                         "GradInversion (Yin et al. 2021): L2 matching + BatchNorm-statistics, TV, "
+                                         "l2 and group priors, Adam", example={"model": "resnet20", "batch-size": 2}))
 
 #: The key that chooses the attack, and the keys of its :class:`Budget`.
 ATTACK_KEY = {"attack": Key("idlg", "gradient-inversion attack the server runs", choices=lambda: list(ATTACKS))}

@@ -16,6 +16,8 @@ attacker who knows which defense a client runs adapts to it:
 * **denoising** — ``denoise="mp"`` Marchenko–Pastur-filters the single observed update before matching (with the
   noise variance the defense's public parameters imply), the server's GradDefense compensation applied by an
   attacker to one update (:mod:`attacker.denoise`); it makes the attack declare ``defense_params``.
+* **prior weights** — ``tv``, ``bn_weight``, ``group_weight``: the weights of the image, BatchNorm-statistics and
+  group-consistency priors of the attacks that have them (``None`` = each attack's default).
 * **private layers** — ``skip_private`` (default) leaves out the parameters the server knows carry nothing (FedKL's
   key-lock layers, sent as zeros; :func:`fl_sim.task.models.private_state_keys`).
 
@@ -56,14 +58,19 @@ KEYS: dict[str, Key] = {
                                   "(0 = off)", low=0),
     "attack-clip-scope": Key("gradient", "what the clipping bound applied to: each local step's gradient or the "
                                          "weight update", choices=CLIP_SCOPES),
-    "attack-tv": Key(-1.0, "total-variation weight of attacks with an image prior (ig, ig-fedavg; negative = the "
-                           "attack's default)", low=-1),
+    "attack-tv": Key(-1.0, "total-variation weight of attacks with an image prior (ig, ig-fedavg, gradinversion; "
+                           "negative = the attack's default)", low=-1),
     "attack-init-std": Key(-1.0, "std of the Gaussian initialisation of the dummy images in normalised space "
                                  "(negative = the attack's default: dlg/idlg 0.1, ig 1)", low=-1),
     "attack-labels": Key("auto", "label recovery for batches of B > 1 (B = 1 always uses iDLG's exact rule)",
                          choices=lambda: list(LABEL_METHODS)),
     "attack-skip-private": Key(True, "leave the layers the server knows carry nothing (FedKL's key-lock layers, sent "
                                      "as zeros) out of the matching loss"),
+    "attack-bn-weight": Key(-1.0, "weight of the BatchNorm-statistics prior of attacks that have one (gradinversion; "
+                                  "negative = the attack's default, 0.1)", low=-1),
+    "attack-group-weight": Key(-1.0, "weight of the group-consistency term that pulls the attack-restarts members "
+                                     "towards their mean (gradinversion; negative = the attack's default, 1)",
+                               low=-1),
     "attack-denoise": Key("none", "denoise the observed update before matching: mp = Marchenko-Pastur filtering "
                                   "with the noise variance the defense's public parameters imply (GradDefense)",
                           choices=DENOISERS),
@@ -90,6 +97,8 @@ class AttackOptions:
         labels: label-recovery method for B > 1 (a key of :data:`attacker.labels.LABEL_METHODS`).
         skip_private: leave out the parameters :func:`fl_sim.task.models.private_state_keys` names.
         denoise: ``"none"`` or ``"mp"`` (see the module docstring).
+        bn_weight: weight of a BatchNorm-statistics prior (``None`` = the attack's default).
+        group_weight: weight of a group-consistency term across restarts (``None`` = the attack's default).
     """
 
     ignore_layers: tuple[str, ...] = ()
@@ -102,6 +111,8 @@ class AttackOptions:
     labels: str = "auto"
     skip_private: bool = True
     denoise: str = "none"
+    bn_weight: float | None = None
+    group_weight: float | None = None
 
     def __post_init__(self) -> None:
         if self.clip_scope not in CLIP_SCOPES:
@@ -132,7 +143,9 @@ class AttackOptions:
                    tv=float(v["attack-tv"]) if float(v["attack-tv"]) >= 0 else None,
                    init_std=float(v["attack-init-std"]) if float(v["attack-init-std"]) >= 0 else None,
                    labels=str(v["attack-labels"]), skip_private=bool(v["attack-skip-private"]),
-                   denoise=str(v["attack-denoise"]))
+                   denoise=str(v["attack-denoise"]),
+                   bn_weight=float(v["attack-bn-weight"]) if float(v["attack-bn-weight"]) >= 0 else None,
+                   group_weight=float(v["attack-group-weight"]) if float(v["attack-group-weight"]) >= 0 else None)
 
     def weights_for(self, model: nn.Module) -> dict[str, float]:
         """The weight of every trainable parameter of ``model`` in the matching loss (0 = left out).

@@ -13,6 +13,11 @@ model, not per message. :func:`client_update` hands its model back (:func:`keep_
 any module; gradients are dropped and train mode is set). The global arrays overwrite every parameter and buffer,
 so the client computes exactly what a freshly built model computes; a defense with ``on_model`` (FedKL) gets a
 freshly built model every time.
+
+``send-buffers=false`` keeps the BatchNorm buffers on the client, as FedBN does (Li et al., ICLR 2021; only the
+buffers here, the BatchNorm affine parameters still travel): the reply carries the global buffers unchanged, the
+client's own buffers after training stay in its ``Context.state`` (:data:`LOCAL_BUFFERS`) and replace the global
+ones when the next round's (or an evaluation's) model is prepared.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import RecordDict
+from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
 from clients.config import ClientSpec
@@ -31,7 +36,10 @@ from clients.defenses import ReplyContext
 from clients.training import local_train
 from fl_sim.task.contract import DEFENSE_TIME, NUM_EXAMPLES, TRAIN_LOSS, TRAIN_TIME, TrainConfig
 from fl_sim.task.datasets import DATASETS, Dataset
-from fl_sim.task.models import MODELS, build_model
+from fl_sim.task.models import MODELS, batchnorm_buffers, build_model
+
+#: ``Context.state`` record of the client's own BatchNorm buffers under ``send-buffers=false``.
+LOCAL_BUFFERS = "local-batchnorm-buffers"
 
 
 @dataclass
@@ -121,6 +129,8 @@ def prepare_model(spec: ClientSpec, global_state: Mapping[str, torch.Tensor], st
     """
     model = _model_for(spec, device)
     model.load_state_dict(dict(global_state))
+    if not spec.task.send_buffers and LOCAL_BUFFERS in state:
+        model.load_state_dict(state[LOCAL_BUFFERS].to_torch_state_dict(), strict=False)
     t = time.perf_counter()
     if spec.defense.on_model is not None:
         spec.defense.on_model(model, state, spec.params, seed)
@@ -153,6 +163,10 @@ def client_update(spec: ClientSpec, global_state: Mapping[str, torch.Tensor], da
     res = local_train(model, data, partition, train_config, spec.defense, spec.params, state, round_seed, device)
     # copies, never views of the model's own tensors: the model may be reloaded for the next message (keep_model)
     out = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    if not spec.task.send_buffers:
+        kept = batchnorm_buffers(model)
+        state[LOCAL_BUFFERS] = ArrayRecord({k: out[k].clone() for k in kept})
+        out = {**out, **{k: global_state[k].detach().cpu().clone() for k in kept}}
     t = time.perf_counter()
     if spec.defense.on_reply is not None:
         sent = {k: v.detach().cpu() for k, v in global_state.items()}

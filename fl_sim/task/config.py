@@ -41,6 +41,9 @@ TASK_KEYS: dict[str, Key] = {
     "lr": Key(0.15, "client SGD learning rate (round 1 value under lr-schedule)", low=0, low_open=True),
     "local-epochs": Key(1, "fedavg: local epochs E (when local-steps = 0)", low=1),
     "local-steps": Key(0, "fedavg: local SGD steps K (0 = use local-epochs)", low=0),
+    "send-buffers": Key(True, "clients send their BatchNorm buffers (running mean/var, batch count) with the update, "
+                              "as plain FedAvg does (they reveal the local batches' statistics); false keeps them "
+                              "on the client, as FedBN does"),
     "audit": Key(True, "clients report the indices of the samples they trained on in an audit-only record "
                        "that only the evaluator reads (needed to score attacks)"),
     "device": Key("auto", "where client training, central evaluation and the attacks compute: auto (CUDA when "
@@ -70,6 +73,7 @@ class TaskConfig:
     lr: float
     local_epochs: int
     local_steps: int
+    send_buffers: bool
     audit: bool
     device: str = "auto"
 

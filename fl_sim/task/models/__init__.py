@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from fl_sim.task.models import cnn, convnet, keylock, lenet, rgap_nets
-from fl_sim.task.models.common import classifier_layer, evaluate, flat_size
+from fl_sim.task.models import cnn, convnet, keylock, lenet, resnet, rgap_nets
+from fl_sim.task.models.common import batchnorm_buffers, classifier_layer, evaluate, flat_size
 from fl_sim.task.models.keylock import KeyLock, private_state_keys
 from fl_sim.task.registry import Registry
 
@@ -29,6 +29,8 @@ MODELS.register("convnet", convnet.ConvNet)
 MODELS.register("cnn6", rgap_nets.cnn6)
 MODELS.register("cnn6-d", rgap_nets.cnn6_d)
 MODELS.register("fcn3", rgap_nets.fcn3)
+MODELS.register("resnet20", resnet.resnet20)
+MODELS.register("resnet18", resnet.resnet18)
 
 
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -40,4 +42,5 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) 
     return MODELS[name](tuple(input_shape), int(num_classes))
 
 
-__all__ = ["MODELS", "KeyLock", "build_model", "classifier_layer", "evaluate", "flat_size", "private_state_keys"]
+__all__ = ["MODELS", "KeyLock", "batchnorm_buffers", "build_model", "classifier_layer", "evaluate", "flat_size",
+           "private_state_keys"]

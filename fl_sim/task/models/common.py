@@ -36,6 +36,13 @@ def classifier_layer(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
+def batchnorm_buffers(model: nn.Module) -> tuple[str, ...]:
+    """State-dict keys of the buffers of every BatchNorm layer of ``model`` (``running_mean``, ``running_var``,
+    ``num_batches_tracked``), in ``state_dict`` order; empty for models without BatchNorm."""
+    return tuple(f"{name}.{b}" if name else b for name, m in model.named_modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) for b, _ in m.named_buffers(recurse=False))
+
+
 def evaluate(model: nn.Module, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, mean: tuple[float, ...],
              std: tuple[float, ...], device: torch.device, batch_size: int = 1000) -> tuple[float, float]:
     """Mean cross-entropy loss and accuracy (0–1) of ``model`` on ``uint8`` images ``x (N, H, W, C)``, labels ``y``.

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fl_sim.task.models.common import flat_size
+from fl_sim.task.models.resnet import stages
 
 #: Key length of the paper's code (``config.json`` ``KEY_LENGTH``).
 KEY_DIM = 1024
@@ -85,24 +86,6 @@ class LeNetKL(nn.Module):
         return self.fc(self.features(x).flatten(1))
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block (two 3×3 convs with BatchNorm, identity or 1×1 projection shortcut)."""
-
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
 class ResNet20KL(nn.Module):
     """ResNet-20 for small images (He et al. 2016, CIFAR variant: 3 stages × 3 blocks, 16/32/64 channels) with a
     key-locked first convolution (FedKL's ``resnet20_kl``), global average pooling and ``fc``.
@@ -116,12 +99,7 @@ class ResNet20KL(nn.Module):
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, key_dim: int = KEY_DIM):
         super().__init__()
         self.lock = KeyLock(nn.Conv2d(input_shape[0], 16, 3, padding=1, bias=False), key_dim)
-        layers, cin = [], 16
-        for cout, stride in ((16, 1), (32, 2), (64, 2)):
-            for b in range(3):
-                layers.append(BasicBlock(cin, cout, stride if b == 0 else 1))
-                cin = cout
-        self.layers = nn.Sequential(*layers)
+        self.layers = stages(16, (16, 32, 64), 3, (1, 2, 2))
         self.fc = nn.Linear(64, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

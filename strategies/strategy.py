@@ -68,15 +68,17 @@ class Recorder(Protocol):
         """Save truth above reconstruction; return where (relative to the run directory). ``suffix`` tells a probe's
         figure from the update's of the same round (``"-probe"``; the strategy passes it only for the probe)."""
 
-    def save_intercepted(self, server_round: int, client: str, payload: AttackPayload) -> str:
+    def save_intercepted(self, server_round: int, client: str, payload: AttackPayload, target: str = "update") -> str:
         """Keep the server's full view of the attacked update (before the cut to the attack's threat model, never
         the audit record); return where (relative to the run directory)."""
 
-    def save_attack_arrays(self, server_round: int, attack: str, arrays: dict[str, np.ndarray]) -> None:
+    def save_attack_arrays(self, server_round: int, attack: str, arrays: dict[str, np.ndarray],
+                           target: str = "update") -> None:
         """Keep an attack's raw results (the evaluator's ``arrays``: reconstruction and truth in [0, 1], labels,
         the matching used for scoring)."""
 
-    def log_attack_progress(self, server_round: int, attack: str, trace: list[tuple[int, float]]) -> None:
+    def log_attack_progress(self, server_round: int, attack: str, trace: list[tuple[int, float]],
+                            target: str = "update") -> None:
         """Keep an attack's objective against iteration, as its ``Budget.progress`` reported it."""
 
 
@@ -404,23 +406,21 @@ class CuriousFedAvg(FedAvg):
                 log(INFO, "attack round %s client %s (update) not run: %s", server_round, client, why)
                 return {**base, "time_s": 0.0, "num_images": holds, "unscored": f"not attacked: {why}"}
             raise ValueError(why)
-        self._recorder_call("save_intercepted", server_round, client if target == "update" else f"{client}-{target}",
-                            self.payload(msg, train_config))
+        self._recorder_call("save_intercepted", server_round, client, self.payload(msg, train_config), target)
         payload = self.attack_payload(msg, train_config)
         budget = plan.budget_for(self.spec.task.seed, server_round, self.attack_device)
         trace: list[tuple[int, float]] = []
         budget.progress = lambda it, value: trace.append((int(it), float(value)))
-        name = plan.name if target == "update" else f"{plan.name}-{target}"  # arrays and traces, per target
         t0 = time.perf_counter()
         try:
             result = plan.attack.run(payload, budget, plan.options)
         except AttackError as exc:  # a failure the attack declares: counted, the run goes on
             log(WARNING, "attack round %s client %s (%s) failed: %s: %s", server_round, client, target,
                 type(exc).__name__, exc)
-            self._recorder_call("log_attack_progress", server_round, name, trace)
+            self._recorder_call("log_attack_progress", server_round, plan.name, trace, target)
             return {**base, "num_images": holds, "time_s": time.perf_counter() - t0,
                     "error": f"{type(exc).__name__}: {exc}", "error_type": type(exc).__name__}
-        self._recorder_call("log_attack_progress", server_round, name, trace)
+        self._recorder_call("log_attack_progress", server_round, plan.name, trace, target)
         record: dict[str, Any] = {**base,
                                   "time_s": result.time_s, "iterations": result.iterations,
                                   "objective": result.objective, **result.extras, "num_images": holds}
@@ -438,7 +438,7 @@ class CuriousFedAvg(FedAvg):
             scores = score_reconstruction(self.data, result, audit, self.chance_image)
             truth, rec = scores.pop("truth"), scores.pop("reconstruction")
             labels, true_labels = scores.pop("labels"), scores.pop("true_labels")
-            self._recorder_call("save_attack_arrays", server_round, name, scores.pop("arrays"))
+            self._recorder_call("save_attack_arrays", server_round, plan.name, scores.pop("arrays"), target)
             record.update(scores)
             record["labels"], record["true_labels"], record["num_images"] = labels, true_labels, len(truth)
             below = " (below chance: nothing recovered)" if scores["psnr"] <= scores["psnr_chance"] else ""

@@ -3,13 +3,37 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tomllib
+import uuid
 from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
+
+
+#: Marks the small run's processes: Ray's daemons inherit the environment of the driver that started them.
+RUN_MARK = f"FL_SIM_TEST_RUN={uuid.uuid4().hex}"
+
+
+def marked_ray_daemons() -> list[str]:
+    """The Ray daemons (``raylet``, ``gcs_server``) alive now that the small run started (their environment holds
+    :data:`RUN_MARK`); other jobs' simulations on the same machine are not counted."""
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()[1:]
+    out = []
+    for line in ps:
+        pid, _, args = line.strip().partition(" ")
+        if "raylet" not in args and "gcs_server" not in args:
+            continue
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if RUN_MARK.encode() in env:
+            out.append(line.strip())
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +43,7 @@ def small_run(tmp_path_factory):
     proc = subprocess.run(
         [str(exe), "run", "num-supernodes=2", "num-server-rounds=2", "attack-every=1", "attack-iterations=60",
          "round-timeout=120", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env={**os.environ, **dict([RUN_MARK.split("=", 1)])},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
@@ -55,8 +79,8 @@ def test_run_directory_layout(small_run):
 
 
 def test_no_ray_process_left_behind(small_run):
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    assert "raylet" not in ps and "gcs_server" not in ps
+    """The run stops the Ray it started: no raylet or gcs_server with the run's environment mark is left."""
+    assert marked_ray_daemons() == []
 
 
 def test_simulation_trains_exactly_like_a_plain_pytorch_loop(small_run):

@@ -161,13 +161,18 @@ def applicable(model: str, batch: int, steps: int, data: Dataset) -> list[str]:
     return out
 
 
-def attack_once(cfg: dict[str, Any], client: Dataset, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+def attack_once(cfg: dict[str, Any], client: Dataset, state: dict[str, torch.Tensor],
+                chance_image: np.ndarray) -> dict[str, Any]:
     """Round 1 of a one-client federation from ``state`` on ``client``'s images, attacked: the path of
-    :func:`fl_sim.audit.audit_round` with a given global model. Returns the attack record."""
+    :func:`fl_sim.audit.audit_round` with a given global model. ``chance_image`` (``(C, H, W)`` in [0, 1]) is the
+    chance-level reconstruction the evaluator scores next to the attack: the whole training split's mean image (the
+    client's own few images would make their own mean the reference, e.g. the image itself at B = 1). Returns the
+    attack record."""
     run = specs(cfg)
     task = run.server.task
     server = replace(run.server, server=replace(run.server.server, attack_every=1, victim="0"))
     strategy = CuriousFedAvg(server, client, AuditRecorder(None))
+    strategy.chance_image = chance_image
     arrays = ArrayRecord({k: v.clone() for k, v in state.items()})
     record = strategy.new_record(1)
     tc = task.train_config(record["lr"], 1)
@@ -210,7 +215,7 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
         cfg = cell_config(model, name, batch, steps, limit, job["seed"])
         t = time.perf_counter()
         try:
-            rec = attack_once(cfg, client, job["state_dict"])
+            rec = attack_once(cfg, client, job["state_dict"], mean_image.astype(np.float32))
         except (ConfigError, ValueError, RuntimeError) as exc:
             rec = {"error": f"{type(exc).__name__}: {exc}"}
         rec["wall_s"] = time.perf_counter() - t

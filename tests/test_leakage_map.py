@@ -53,3 +53,8 @@ def test_a_one_cell_map_runs_every_applicable_attack_and_writes_the_page(tmp_pat
     assert json.loads(page.split("```json\n")[1].split("\n```")[0]) == head
     # iDLG recovers a round-1 B = 1 image of the default model far above the mean image
     assert head["max_psnr"] > 30 and head["cells_within_3db_of_chance"] == 0
+    # the chance level is the whole training split's mean image against the client's image (about 11 dB on
+    # Fashion-MNIST), not the client's own images' mean, which at B = 1 is the image itself (100 dB)
+    row = next(line for line in page.splitlines() if line.startswith("| lenet-tanh | round1 | 1 | 1 | 1 |"))
+    chance = float(row.split("|")[10])
+    assert 5.0 < chance < 20.0, row

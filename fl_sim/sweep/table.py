@@ -27,8 +27,8 @@ SWEEP_ROWS = (
 
 #: The attack targets (``attack-target``) in the order the tables list them: the intercepted update, the probe.
 TARGETS = ("update", "probe")
-_TARGET_HELP = {"update": "the victim's intercepted update", "probe": "the probe: the victim's defended one-image "
-                "gradient (B = 1), an audit of the worst case"}
+_TARGET_HELP = {"update": "the victim's intercepted update", "probe": "the probe (the victim's defended one-image "
+                "gradient, B = 1: an audit of the worst case)"}
 
 
 def _target_rank(target: str) -> tuple[int, str]:

@@ -48,10 +48,14 @@ BENCH_ARGS_bench_breaching ?= --ig-iterations 500
 BENCH_ARGS_bench_defenses ?= --rounds 10
 BENCH_ARGS_bench_deploy ?= --rounds 3 --poll 1.0
 BENCH_ARGS_bench_gpu ?= --rounds 5 --ig-iterations 200
+BENCH_ARGS_bench_gradinversion ?= --iterations 100
+BENCH_ARGS_bench_labels ?= lenet-tanh 1 64
 BENCH_ARGS_bench_main ?= 100 10
 BENCH_ARGS_bench_scale ?= --clients 100 1000 --rounds 20
 BENCH_FULL_ARGS_bench_defenses ?= --rounds 100
 BENCH_FULL_ARGS_bench_scale ?= --full
+BENCH_FULL_ARGS_bench_gradinversion ?= --iterations 2000 --seeds 3
+BENCH_FULL_ARGS_bench_labels ?= lenet-tanh 3 64
 BENCH_KIND ?= BENCH_ARGS
 
 bench: $(STAMP)

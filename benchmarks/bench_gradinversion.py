@@ -75,6 +75,11 @@ def main() -> None:
                       f"{rec['time_s']:.0f} | {rec['extras']} |", flush=True)
         for attack, vals in means.items():
             print(f"mean PSNR {attack}: {np.mean(vals):.2f} dB")
+        # the headline figures, one JSON line: mean PSNR per attack and GradInversion's lead over IG
+        head = {f"mean_psnr_{a}": round(float(np.mean(v)), 3) for a, v in means.items()}
+        if {"gradinversion", "ig"} <= set(means):
+            head["gradinversion_minus_ig_db"] = round(float(np.mean(means["gradinversion"]) - np.mean(means["ig"])), 3)
+        print(json.dumps({"bench": "gradinversion", "iterations": args.iterations, "seeds": args.seeds, **head}))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Usage::
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -65,11 +66,15 @@ def main() -> None:
     print(f"{model} (untrained), Fashion-MNIST, round-1 FedSGD gradient, mean of {seeds} seeds")
     print("| method | B | label-count acc. | class-count acc. | label-set acc. | time (ms) |")
     print("|---|---|---|---|---|---|")
+    head: dict[str, dict[str, float]] = {}
     for batch in batches:
         rows = [one(model, batch, s) for s in range(seeds)]
         for m in methods():
             a = np.mean([r[m] for r in rows], axis=0)
             print(f"| {m} | {batch} | {a[0]:.3f} | {a[1]:.3f} | {a[2]:.3f} | {1000 * a[3]:.1f} |", flush=True)
+            head.setdefault(f"label_count_acc_b{batch}", {})[m] = round(float(a[0]), 4)
+    # the headline figures, one JSON line: label-count accuracy per batch size and method (mean over the seeds)
+    print(json.dumps({"bench": "labels", "model": model, "seeds": seeds, **head}))
 
 
 if __name__ == "__main__":

@@ -54,17 +54,6 @@ SCHEDULES = ("cosine", "cosine-epoch", "constant")
 CLIENT_SECRET = 0
 
 
-def round_seed(seed: int, server_round: int, partition_id: int) -> int:
-    """The secret seed client ``partition_id`` draws its round-``server_round`` batches from under
-    ``--client-secret CLIENT_SECRET`` (:func:`clients.secrets.round_seed` of its node secret)."""
-    return secrets.round_seed(secrets.node_secret(CLIENT_SECRET, partition_id), seed, server_round)
-
-
-def once_seed(seed: int, partition_id: int) -> int:
-    """The once-per-run secret seed of client ``partition_id`` under ``--client-secret CLIENT_SECRET``."""
-    return secrets.once_seed(secrets.node_secret(CLIENT_SECRET, partition_id), seed)
-
-
 def lr_at(lr: float, schedule: str, step: int, steps: int, epoch: int, epochs: int) -> float:
     """The learning rate of ``step`` (0-based, of ``steps``) in ``epoch`` (0-based, of ``epochs``)."""
     if schedule == "cosine":
@@ -132,7 +121,7 @@ def train_fedavg(model_name: str, clients: int, rounds: int, batch_size: int, lr
         total = {k: torch.zeros_like(v) for k, v in glob.state_dict().items()}
         for pid, part in enumerate(parts):
             local.load_state_dict(glob.state_dict())
-            rng = np.random.default_rng(round_seed(seed, rnd, pid))
+            rng = np.random.default_rng(secrets.round_seed(secrets.node_secret(CLIENT_SECRET, pid), seed, rnd))
             for idx in batch_schedule(part, tc, rng):
                 x = to_tensor(ds.x_train[idx], ds.mean, ds.std)
                 grads = torch.autograd.grad(F.cross_entropy(local(x), torch.as_tensor(ds.y_train[idx])),

@@ -77,17 +77,6 @@ LR = 0.15
 CLIENT_SECRET = 0
 
 
-def round_seed(seed: int, server_round: int, partition_id: int) -> int:
-    """The secret seed client ``partition_id`` draws its round-``server_round`` batches from under
-    ``--client-secret CLIENT_SECRET`` (:func:`clients.secrets.round_seed` of its node secret)."""
-    return secrets.round_seed(secrets.node_secret(CLIENT_SECRET, partition_id), seed, server_round)
-
-
-def once_seed(seed: int, partition_id: int) -> int:
-    """The once-per-run secret seed of client ``partition_id`` under ``--client-secret CLIENT_SECRET``."""
-    return secrets.once_seed(secrets.node_secret(CLIENT_SECRET, partition_id), seed)
-
-
 # -- model states ----------------------------------------------------------------------------------------------------
 def initial_state(model: str, data: Dataset, seed: int) -> dict[str, torch.Tensor]:
     """The round-1 global model of ``fl-sim run`` (built after ``torch.manual_seed(seed)``)."""
@@ -118,7 +107,7 @@ def trained_state(model: str, data: Dataset, rounds: int, seed: int) -> tuple[di
         for pid, part in enumerate(parts):
             local.load_state_dict(glob.state_dict())
             local.train()
-            rng = np.random.default_rng(round_seed(seed, rnd, pid))
+            rng = np.random.default_rng(secrets.round_seed(secrets.node_secret(CLIENT_SECRET, pid), seed, rnd))
             for idx in batch_schedule(part, tc, rng):
                 x = to_tensor(data.x_train[idx], data.mean, data.std)
                 loss = torch.nn.functional.cross_entropy(local(x), torch.as_tensor(data.y_train[idx]))
@@ -178,7 +167,8 @@ def attack_once(cfg: dict[str, Any], client: Dataset, state: dict[str, torch.Ten
     tc = task.train_config(record["lr"], 1)
     strategy.begin_round(1, arrays, tc, {1: 0})
     update = client_update(run.client, arrays.to_torch_state_dict(), client, np.arange(len(client.y_train)), tc,
-                           RecordDict(), once_seed(task.seed, 0), round_seed(task.seed, 1, 0),
+                           RecordDict(), secrets.once_seed(secrets.node_secret(CLIENT_SECRET, 0), task.seed),
+                           secrets.round_seed(secrets.node_secret(CLIENT_SECRET, 0), task.seed, 1),
                            torch.device("cpu"))
     content = contract.train_reply(update.state, update.metrics, 0, update.sample_indices)
     md = Metadata(run_id=0, message_id=uuid.uuid4().hex, src_node_id=1, dst_node_id=0,

@@ -163,6 +163,14 @@ def write_connection(flwr_home: Path, name: str, address: str, root_certificates
     (flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": name, name: conn}}))
 
 
+def federation_env() -> dict[str, str]:
+    """The environment of a federation's Flower processes: this shell's, without a run-level client secret or
+    client-state folder (each node gets its own through its node config), with :data:`FLOWER_ENV`, and this
+    interpreter's ``bin`` first on ``PATH`` (``flower-superlink``, ``flower-supernode``, ``flwr``)."""
+    return {**{k: v for k, v in os.environ.items() if k not in (SECRET_ENV, STATE_DIR_ENV)}, **FLOWER_ENV,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 class LocalFederation:
     """A SuperLink and ``num_nodes`` SuperNodes on 127.0.0.1 (Flower's deployment engine), stopped on close.
 
@@ -200,9 +208,7 @@ class LocalFederation:
         self.nodes: list[subprocess.Popen] = []
         self.port = 0
         self.cli_home = self.workdir / "flwr-cli"
-        # no run-level client secret or client-state folder from this shell: each node gets its own node config
-        self.env = {**{k: v for k, v in os.environ.items() if k not in (SECRET_ENV, STATE_DIR_ENV)}, **FLOWER_ENV,
-                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.env = federation_env()
 
     def __enter__(self) -> LocalFederation:
         try:

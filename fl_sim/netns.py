@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clients.secrets import SECRET_ENV, node_secret
-from clients.state import STATE_DIR_ENV
-from fl_sim.deployment import DEPLOY, FLOWER_ENV, ROOT, ProcessTracker, _proc_table, write_connection
+from clients.secrets import node_secret
+from fl_sim.deployment import DEPLOY, ROOT, ProcessTracker, _proc_table, federation_env, write_connection
 
 #: Addresses of the two hosts on the veth pair (a /24 that exists only inside the two namespaces).
 SERVER_ADDRESS = "10.77.0.1"
@@ -155,8 +154,7 @@ class NetnsFederation:
         self.nodes: list[subprocess.Popen | None] = []
         self.cli_home = self.workdir / "flwr-cli"
         self.address = f"{SERVER_ADDRESS}:{SUPERLINK_PORT}"
-        self.env = {**{k: v for k, v in os.environ.items() if k not in (SECRET_ENV, STATE_DIR_ENV)}, **FLOWER_ENV,
-                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.env = federation_env()
 
     def __enter__(self) -> NetnsFederation:
         try:

@@ -59,11 +59,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from torch.func import functional_call
 
 from attacker import matching
 from attacker.dlg import MKLDNN, mkldnn
-from attacker.ig import DEFAULT_TV, signed_adam, total_variation
+from attacker.ig import DEFAULT_TV, signed_adam, total_variation, unrolled_gradient
 from attacker.labels import recover_labels
 from attacker.options import AttackOptions
 from attacker.payload import AttackPayload, AttackResult, Budget, NotApplicable, images_in_update
@@ -267,16 +266,7 @@ def dimitrov(payload: AttackPayload, budget: Budget, options: AttackOptions | No
     k = len(steps)
 
     def simulate(x: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-        theta = dict(theta0)
-        for idx in steps:
-            out = functional_call(model, {**theta, **buffers}, (x[idx],))
-            loss = F.cross_entropy(out, labels[idx])
-            grads = torch.autograd.grad(loss, [theta[n] for n in names], create_graph=True)
-            if step_clip > 0:
-                norm = torch.sqrt(sum((g * g).sum() for g in grads))
-                grads = [g * torch.clamp(step_clip / (norm + 1e-12), max=1.0) for g in grads]
-            theta = {**theta, **{n: theta[n] - lr * g for n, g in zip(names, grads)}}
-        return [(theta0[names[i]] - theta[names[i]]) / (lr * k) for i in target.needed]
+        return unrolled_gradient(model, theta0, buffers, names, target.needed, x, labels, steps, lr, step_clip)
 
     def prior(x: torch.Tensor) -> torch.Tensor:
         return invariant_prior(F.conv2d(x, proj, padding=1), pl)

@@ -262,6 +262,30 @@ def label_orders(labels: list[int], steps: list[list[int]], limit: int, seed: in
     return [list(o) for o in orders]
 
 
+def unrolled_gradient(model: nn.Module, theta0: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                      names: list[str], needed: list[int], x: torch.Tensor, labels: torch.Tensor,
+                      steps: list[torch.Tensor], lr: float, step_clip: float = 0.0) -> list[torch.Tensor]:
+    """The client's local SGD steps re-simulated on trial images, differentiably, as an average gradient.
+
+    From the parameters ``theta0`` (the global model, ``requires_grad``), each step takes the cross-entropy gradient
+    on ``x[idx], labels[idx]`` for the next index tensor of ``steps`` (with ``create_graph=True``), clips it to L2
+    norm ``step_clip`` over all parameters when ``step_clip > 0``, and moves by ``lr``. Returns the update as an
+    average gradient, ``−Δ / (lr·K)`` with K = ``len(steps)``, for the parameters at positions ``needed`` of
+    ``names`` (so that it lines up with :attr:`attacker.matching.Target.grads`). Shared by ``ig-fedavg`` and
+    ``dimitrov``.
+    """
+    theta = dict(theta0)
+    for idx in steps:
+        out = functional_call(model, {**theta, **buffers}, (x[idx],))
+        loss = F.cross_entropy(out, labels[idx])
+        grads = torch.autograd.grad(loss, [theta[n] for n in names], create_graph=True)
+        if step_clip > 0:
+            norm = torch.sqrt(sum((g * g).sum() for g in grads))
+            grads = [g * torch.clamp(step_clip / (norm + 1e-12), max=1.0) for g in grads]
+        theta = {**theta, **{n: theta[n] - lr * g for n, g in zip(names, grads)}}
+    return [(theta0[names[i]] - theta[names[i]]) / (lr * len(steps)) for i in needed]
+
+
 def _unrolled(payload: AttackPayload, budget: Budget, options: AttackOptions | None) -> AttackResult:
     start = time.perf_counter()
     options = options or AttackOptions()
@@ -284,17 +308,8 @@ def _unrolled(payload: AttackPayload, budget: Budget, options: AttackOptions | N
     def make_objective(labels: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         def objective(x: torch.Tensor) -> torch.Tensor:
             with torch.enable_grad():
-                theta = dict(theta0)
-                for idx in index:
-                    out = functional_call(model, {**theta, **buffers}, (x[idx],))
-                    loss = F.cross_entropy(out, labels[idx])
-                    grads = torch.autograd.grad(loss, [theta[n] for n in names], create_graph=True)
-                    if step_clip > 0:
-                        norm = torch.sqrt(sum((g * g).sum() for g in grads))
-                        grads = [g * torch.clamp(step_clip / (norm + 1e-12), max=1.0) for g in grads]
-                    theta = {**theta, **{n: theta[n] - lr * g for n, g in zip(names, grads)}}
-                # the update as an average gradient, −Δ / (lr·K), so that it lines up with target.grads
-                avg = [(theta0[names[i]] - theta[names[i]]) / (lr * k) for i in target.needed]
+                avg = unrolled_gradient(model, theta0, buffers, names, target.needed, x, labels, index, lr,
+                                        step_clip)
             return target.cosine(avg) + tv * total_variation(x)
         return objective
 

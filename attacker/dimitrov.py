@@ -246,7 +246,7 @@ def dimitrov(payload: AttackPayload, budget: Budget, options: AttackOptions | No
     """
     start = time.perf_counter()
     options = options or AttackOptions()
-    model = payload.build_model()
+    model = payload.build_model(budget.device)
     device = next(model.parameters()).device
     target = matching.prepare(payload, model, options)
     step_clip = target.clip if options.clip_scope == "gradient" else 0.0

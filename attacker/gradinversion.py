@@ -191,7 +191,7 @@ def gradinversion(payload: AttackPayload, budget: Budget, options: AttackOptions
     """
     start = time.perf_counter()
     options = options or AttackOptions()
-    model = payload.build_model()
+    model = payload.build_model(budget.device)
     device = next(model.parameters()).device
     target = matching.prepare(payload, model, options)
     batch = payload.batch_size

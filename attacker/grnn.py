@@ -140,7 +140,7 @@ def grnn(payload: AttackPayload, budget: Budget, options: AttackOptions | None =
     """
     start = time.perf_counter()
     options = options or AttackOptions()
-    model = payload.build_model()
+    model = payload.build_model(budget.device)
     device = next(model.parameters()).device
     target = matching.prepare(payload, model, options)
     params = target.needed_params

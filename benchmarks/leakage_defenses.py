@@ -4,7 +4,9 @@ For every defense the real ClientApp ``train`` function is called on a Flower Me
 defense applies to the local step, secrets stay in ``Context.state``), the curious strategy receives the reply
 together with clean replies of the other clients, attacks the victim's update (the configured attack, through the
 same ``AttackPayload`` a run builds), applies any server step (GradDefense compensation) and the evaluator scores
-the reconstruction. Mean PSNR/SSIM over ``--images`` victims (different samples).
+the reconstruction. Mean PSNR/SSIM over ``--images`` victims (different samples), each with its chance level (the
+evaluator's ``psnr_chance`` / ``ssim_chance``: the training split's mean image scored the same way); the last line
+is one JSON object of the means.
 
     PYTHONPATH=$PWD python benchmarks/leakage_defenses.py [--attack idlg] [--model lenet-tanh] [--images 3]
         [--defenses none,prune,...] [KEY=VALUE ...]
@@ -13,6 +15,7 @@ the reconstruction. Mean PSNR/SSIM over ``--images`` victims (different samples)
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
@@ -97,13 +100,19 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)  # after the import: importing flwr resets its level
     overrides = parse_overrides(args.overrides)
     print(f"attack={args.attack} model={args.model} images={args.images} {overrides}")
-    print(f"{'defense':<14}{'PSNR dB':>9}{'SSIM':>8}{'label acc':>11}{'min':>7}{'max':>7}")
+    print(f"{'defense':<14}{'PSNR dB':>9}{'chance':>8}{'SSIM':>8}{'chance':>8}{'label acc':>11}{'min':>7}{'max':>7}")
+    means: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for defense in args.defenses.split(","):
             recs = [attack_once(defense, i, args.attack, args.model, overrides, Path(tmp)) for i in range(args.images)]
             ps = [r["psnr"] for r in recs]
-            print(f"{defense:<14}{np.mean(ps):>9.2f}{np.mean([r['ssim'] for r in recs]):>8.3f}"
-                  f"{np.mean([r['label_accuracy'] for r in recs]):>11.2f}{min(ps):>7.2f}{max(ps):>7.2f}", flush=True)
+            m = {k: round(float(np.mean([r[k] for r in recs])), 4)
+                 for k in ("psnr", "psnr_chance", "ssim", "ssim_chance", "label_accuracy")}
+            means[defense] = m
+            print(f"{defense:<14}{m['psnr']:>9.2f}{m['psnr_chance']:>8.2f}{m['ssim']:>8.3f}{m['ssim_chance']:>8.3f}"
+                  f"{m['label_accuracy']:>11.2f}{min(ps):>7.2f}{max(ps):>7.2f}", flush=True)
+    print(json.dumps({"bench": "leakage_defenses", "attack": args.attack, "model": args.model,
+                      "images": args.images, "overrides": overrides, "means": means}))
 
 
 if __name__ == "__main__":

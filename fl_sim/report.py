@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_sim.results import attack_means, attack_means_by_target, attack_target, read_metrics
+from strategies.metrics import chance_note
 
 
 def _fmt(x: Any, spec: str = ".2f") -> str:
@@ -20,7 +21,7 @@ BELOW_MARK = "▼"
 
 
 def below_mark(value: float | None, chance: float | None) -> str:
-    """``" ▼"`` when ``value`` is at or below its chance level (nothing recovered), else ``""``."""
+    """``" ▼"`` when ``value`` is at or below its chance level (by this metric, nothing recovered), else ``""``."""
     return f" {BELOW_MARK}" if value is not None and chance is not None and value <= chance else ""
 
 
@@ -36,9 +37,9 @@ def privacy_sentence(means: dict[str, Any], failures: dict[str, int]) -> str:
             f"(chance {_fmt(means.get('ssim_chance'), '.3f')}), MSE {_fmt(means.get('mse'), '.2e')} (chance "
             f"{_fmt(means.get('mse_chance'), '.2e')}), label accuracy {_fmt(means.get('label_accuracy'), '.2f')}, "
             f"{_fmt(means.get('time_s'), '.1f')} s per attack.")
-    psnr, chance = means.get("psnr"), means.get("psnr_chance")
-    if psnr is not None and chance is not None and psnr <= chance:
-        text += " **The mean PSNR is at or below the chance level: nothing recovered.**"
+    note = chance_note(means)
+    if note:
+        text += f" **Means: {note}.**"
     return text
 
 
@@ -161,7 +162,7 @@ def write_run_report(run_dir: str | Path) -> Path:
         "gaussian_weights=True, sigma=1.5, use_sample_covariance=False; torchmetrics' definition), not breaching's "
         "CW-SSIM. *Chance* is the same metric for the training split's mean image in place of the reconstruction: "
         f"a reconstruction that knows nothing about the client. {BELOW_MARK} marks a score at or below its chance "
-        "level: nothing recovered.",
+        "level; a reconstruction recovered nothing only when both its PSNR and its SSIM are.",
         "",
     ]
     path = run_dir / "report.md"

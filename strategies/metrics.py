@@ -195,6 +195,30 @@ def chance_scores(reference: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return {f"{k}_chance": s[k] for k in CHANCE_METRICS}
 
 
+def chance_note(scores: dict) -> str:
+    """How scores compare with their chance levels, in words: ``""`` when both PSNR and SSIM are above chance (or a
+    chance level is missing), ``"PSNR and SSIM at or below chance: nothing recovered"`` when both are at or below,
+    else which one is (``"PSNR at or below chance, SSIM above it"``). Only both at or below means nothing was
+    recovered: a reconstruction can sit below the mean image's PSNR and still show the image's structure in SSIM.
+
+    Args:
+        scores: a mapping with ``psnr``, ``psnr_chance``, ``ssim``, ``ssim_chance`` (an attack record, or the means
+            of several; a missing or ``None`` value counts as not comparable).
+    """
+    def low(name: str) -> bool | None:
+        v, c = scores.get(name), scores.get(f"{name}_chance")
+        return None if v is None or c is None else v <= c
+
+    p, q = low("psnr"), low("ssim")
+    if p and q:
+        return "PSNR and SSIM at or below chance: nothing recovered"
+    if p:
+        return "PSNR at or below chance, SSIM above it" if q is False else "PSNR at or below chance"
+    if q:
+        return "SSIM at or below chance, PSNR above it" if p is False else "SSIM at or below chance"
+    return ""
+
+
 def label_accuracy(recovered: np.ndarray, true: np.ndarray) -> float:
     """Fraction of true labels found in the recovered labels, counted as multisets (order-free)."""
     rec = list(np.asarray(recovered).tolist())

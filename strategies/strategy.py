@@ -45,6 +45,7 @@ from fl_sim.task.models import build_model, evaluate
 from strategies.config import AGGREGATE, ServerSpec
 from strategies.evaluator import chance_reference, probe_index, score_reconstruction, union_audit
 from strategies.faults import check_reply, discover_partitions, sample_partitions
+from strategies.metrics import chance_note
 from strategies.rounds import SentRound, cast_like, sent_round
 
 
@@ -441,7 +442,8 @@ class CuriousFedAvg(FedAvg):
             self._recorder_call("save_attack_arrays", server_round, plan.name, scores.pop("arrays"), target)
             record.update(scores)
             record["labels"], record["true_labels"], record["num_images"] = labels, true_labels, len(truth)
-            below = " (below chance: nothing recovered)" if scores["psnr"] <= scores["psnr_chance"] else ""
+            note = chance_note(scores)
+            below = f" ({note})" if note else ""
             title = (f"round {server_round}, client {client}, {plan.name}"
                      f"{' on the probe (one image, B = 1)' if target == 'probe' else ''}: "
                      f"PSNR {scores['psnr']:.1f} dB, SSIM {scores['ssim']:.3f} (chance "

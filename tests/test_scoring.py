@@ -321,7 +321,11 @@ def test_a_declared_failure_is_recorded_and_counted(fmnist, tmp_path, monkeypatc
     summary["attack_means"]["psnr"] = 11.0
     (run_dir / "summary.json").write_text(json.dumps(summary))
     print_summary(run_dir)
-    assert "11.0 dB / 0.600 ▼ (PSNR at or below chance: nothing recovered)" in capsys.readouterr().out
+    assert "11.0 dB / 0.600 ▼ (PSNR at or below chance, SSIM above it)" in capsys.readouterr().out
+    summary["attack_means"]["ssim"] = 0.1
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    print_summary(run_dir)
+    assert "11.0 dB / 0.100 ▼ (PSNR and SSIM at or below chance: nothing recovered)" in capsys.readouterr().out
 
 
 def test_an_undeclared_exception_stops_the_run(fmnist):
@@ -399,3 +403,18 @@ def test_sweep_tables_show_the_chance_level_and_mark_what_is_below_it(tmp_path):
     rows = {r[0]: r[1:] for r in csv.reader((out / "table.csv").open())}  # no panel axis: metric first
     assert rows["PSNR chance"] == ["12", "12.5"] and rows["attacks succeeded"] == ["1", "1"]
     assert rows["attacks"] == ["1", "2"]
+
+
+def test_chance_note_says_nothing_recovered_only_when_psnr_and_ssim_are_both_at_chance():
+    """A reconstruction below the mean image's PSNR can still show the image's structure (SSIM above its chance):
+    the note must not call that "nothing recovered" (frontier sweep, GradDefense σ = 0.1, round 1: 6.8 dB against
+    12.3 dB chance, SSIM 0.290 against 0.273, the dress's outline visible)."""
+    from strategies.metrics import chance_note
+
+    rec = {"psnr": 6.8, "psnr_chance": 12.3, "ssim": 0.290, "ssim_chance": 0.273}
+    assert chance_note(rec) == "PSNR at or below chance, SSIM above it"
+    assert chance_note({**rec, "ssim": 0.2}) == "PSNR and SSIM at or below chance: nothing recovered"
+    assert chance_note({**rec, "psnr": 20.0, "ssim": 0.2}) == "SSIM at or below chance, PSNR above it"
+    assert chance_note({**rec, "psnr": 20.0}) == ""
+    assert chance_note({"psnr": 6.8, "psnr_chance": 12.3}) == "PSNR at or below chance"
+    assert chance_note({"psnr": 6.8, "psnr_chance": None, "ssim": 0.1, "ssim_chance": None}) == ""

@@ -113,10 +113,10 @@ def fake_cell(sweep: Path, labels: dict, overrides: dict, acc: float, attacks: l
                                                 "attacks": attacks, "attack_means": {}}))
 
 
-def att(target, psnr, chance=None, ssim=0.5):
+def att(target, psnr, chance=None, ssim=0.5, ssim_chance=0.6):
     a = {"round": 1, "client": "0", "attack": "dlg", "target": target, "psnr": psnr, "ssim": ssim}
     if chance is not None:
-        a["psnr_chance"] = chance
+        a["psnr_chance"], a["ssim_chance"] = chance, ssim_chance
     return a
 
 
@@ -127,7 +127,7 @@ def frontier_sweep(tmp_path) -> Path:
                 ("p80", {"defense": "prune", "defense-prune-rate": 80.0}),
                 ("p95", {"defense": "prune", "defense-prune-rate": 95.0})]
     # probe PSNR per variant and seed; update PSNR; accuracy
-    probe = {"none": (40, 44), "p50": (20, 22), "p80": (9.5, 10.1), "p95": (6, 7)}
+    probe = {"none": (40, 44), "p50": (20, 22), "p80": (9.0, 10.3), "p95": (6, 7)}
     update = {"none": (12, 12), "p50": (11, 11), "p80": (10.5, 10.5), "p95": (10.2, 10.4)}
     acc = {"none": (0.90, 0.88), "p50": (0.89, 0.87), "p80": (0.80, 0.78), "p95": (0.50, 0.52)}
     for i, (label, keys) in enumerate(variants):
@@ -146,25 +146,58 @@ def test_frontier_finds_where_the_probe_falls_to_chance_and_what_it_costs(tmp_pa
     (series,) = panel["series"]
     assert (series["defense"], series["key"]) == ("prune", "defense-prune-rate")
     assert [p["value"] for p in series["points"]] == [50.0, 80.0, 95.0]
-    # p80: probe mean (9.5 + 10.1) / 2 = 9.8 dB, chance mean (10.0 + 10.2) / 2 = 10.1 dB: at chance; p50 is not
+    # p80: probe mean (9.0 + 10.3) / 2 = 9.65 dB, chance mean (10.0 + 10.2) / 2 = 10.1 dB: at chance by the mean
+    # (lenient); but seed 1's attack (10.3 dB against its own 10.2) is above, so every attack is at chance only at p95
+    lenient = series["reached_mean"]["probe"]
+    assert lenient["value"] == 80.0
+    assert lenient["psnr"] == pytest.approx(9.65) and lenient["chance"] == pytest.approx(10.1)
+    assert lenient["acc"] == pytest.approx(79.0) and lenient["cost"] == pytest.approx(89.0 - 79.0)
+    assert [p["above"]["probe"] for p in series["points"]] == [2, 1, 0]
     hit = series["reached"]["probe"]
-    assert hit["value"] == 80.0
-    assert hit["psnr"] == pytest.approx(9.8) and hit["chance"] == pytest.approx(10.1)
-    assert hit["acc"] == pytest.approx(79.0) and hit["cost"] == pytest.approx(89.0 - 79.0)
+    assert hit["value"] == 95.0 and hit["psnr"] == pytest.approx(6.5) and hit["chance"] == pytest.approx(10.1)
+    assert hit["ssim"] == pytest.approx(0.5) and hit["ssim_chance"] == pytest.approx(0.6)
+    assert hit["acc"] == pytest.approx(51.0) and hit["cost"] == pytest.approx(89.0 - 51.0)
     # the update never falls to its chance level (10 dB): 10.3 dB at 95 %
-    assert series["reached"]["update"] is None
+    assert series["reached"]["update"] is None and series["reached_mean"]["update"] is None
     assert panel["none"]["acc"][0] == pytest.approx(89.0) and panel["none"]["psnr"]["probe"][0] == pytest.approx(42.0)
 
     write_sweep_report(sweep)
     md = (sweep / "frontier.md").read_text()
-    assert "| prune | `defense-prune-rate` | 50, 80, 95 | not reached (strongest: 10.30 / 10.00)" in md
-    assert "| 80 | 9.80 / 10.10 | 79.00 | 10.00 |" in md
+    assert ("| prune | `defense-prune-rate` | 50, 80, 95 | not reached (strongest: 2 of 2 attacks above) | – | – | – "
+            "| – | not reached | 95 | 6.50 / 10.10 | 0.500 / 0.600 | 51.00 | 38.00 | 80 (cost 10.00) |") in md
+    assert "| prune | `defense-prune-rate` | 80 | 79.00 ± 1.41 |" in md and "| 1 of 2 |" in md
     rows = list(csv.DictReader((sweep / "frontier.csv").open()))
     assert [r["value"] for r in rows] == ["50", "80", "95"]
-    assert float(rows[1]["psnr probe"]) == pytest.approx(9.8) and float(rows[1]["chance probe"]) == pytest.approx(10.1)
+    assert float(rows[1]["psnr probe"]) == pytest.approx(9.65) and float(rows[1]["chance probe"]) == pytest.approx(10.1)
+    assert [r["above chance probe"] for r in rows] == ["2", "1", "0"]
     img = mpimg.imread(sweep / "frontier.png")
     assert img.shape[0] > 200 and img.shape[1] > 400
     assert "frontier.md" in (sweep / "table.md").read_text()
+
+
+def test_a_frontier_target_that_was_never_attacked_says_so(tmp_path):
+    """A converged update holds the whole partition, so every attack on it is recorded unscored: the frontier says
+    "not attacked" with the image count instead of pretending that an old sweep lacked chance levels."""
+    sweep = tmp_path / "front"
+    unscored = {"round": 1, "client": "0", "attack": "dlg", "target": "update", "num_images": 30000,
+                "unscored": "not attacked: attack='dlg' reconstructs 32 image(s) but the update holds 30000"}
+    for i, (label, keys) in enumerate([("none", {"defense": "none"}),
+                                       ("p50", {"defense": "prune", "defense-prune-rate": 50.0}),
+                                       ("p95", {"defense": "prune", "defense-prune-rate": 95.0})]):
+        fake_cell(sweep, {"defense": label}, keys, 0.9 - 0.1 * i, [unscored, att("probe", 30.0 - 10 * i, 10.0)],
+                  {"defense": i})
+    cells = load_sweep_cells(sweep)
+    front = frontier(cells, _sweep_settings(sweep, cells))
+    (series,) = front["panels"][0]["series"]
+    assert [p["unscored"]["update"] for p in series["points"]] == [{"attacks": 1, "num_images": 30000}] * 2
+    assert series["points"][0]["unscored"]["probe"] == {"attacks": 0, "num_images": None}
+    assert series["reached"]["update"] is None and series["reached"]["probe"]["value"] == 95.0
+    write_sweep_report(sweep)
+    md = (sweep / "frontier.md").read_text()
+    assert "**update**: not attacked (the update holds 30,000 images)" in md
+    assert "update: at chance from" not in md and "probe: at chance from" in md  # no empty update columns
+    assert "| prune | `defense-prune-rate` | 50, 95 | 95 |" in md
+    assert "no chance level recorded" not in md
 
 
 def test_table_rows_per_target_and_unchanged_without_targets(tmp_path):

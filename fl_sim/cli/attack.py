@@ -64,6 +64,7 @@ def attack(
 
     from fl_sim.audit import audit_dataset, run_audit
     from fl_sim.results import default_run_name
+    from strategies.metrics import chance_note
 
     torch.set_num_threads(1)
     if out is None:
@@ -77,7 +78,8 @@ def attack(
     except ConfigError as exc:
         fail(str(exc))
     lab = "–" if record["label_accuracy"] is None else f"{record['label_accuracy']:.2f}"
-    below = ", below chance: nothing recovered" if record["psnr"] <= record["psnr_chance"] else ""
+    note = chance_note(record)
+    below = f"; {note}" if note else ""
     typer.echo(f"{record['attack']} on {record['model']} ({record['defense']}, {record['num_images']} image(s)): "
                f"PSNR {record['psnr']:.2f} dB, SSIM {record['ssim']:.3f} (chance {record['psnr_chance']:.2f} dB, "
                f"{record['ssim_chance']:.3f}{below}), MSE {record['mse']:.2e}, label accuracy "

@@ -171,6 +171,8 @@ def print_summary(run_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from strategies.metrics import chance_note
+
     s = json.loads((run_dir / "summary.json").read_text())
     m = s.get("attack_means") or {}
     table = Table(title=f"fl-sim run ({s['status']})", show_header=False)
@@ -186,10 +188,9 @@ def print_summary(run_dir: Path) -> None:
                   + (f" ({', '.join(f'{v} × {k}' for k, v in sorted(failed.items()))})" if failed else "")
                   + (f", {scored} scored" if scored < ok else ""))
     psnr, ssim = m.get("psnr"), m.get("ssim")
-    low = [name for name, v, c in (("PSNR", psnr, m.get("psnr_chance")), ("SSIM", ssim, m.get("ssim_chance")))
-           if v is not None and c is not None and v <= c]
+    note = chance_note(m)
     table.add_row("mean attack PSNR / SSIM", f"{fmt(psnr, '.1f')} dB / {fmt(ssim, '.3f')}"
-                  + (f" ▼ ({' and '.join(low)} at or below chance: nothing recovered)" if low else ""))
+                  + (f" ▼ ({note})" if note else ""))
     table.add_row("chance PSNR / SSIM", f"{fmt(m.get('psnr_chance'), '.1f')} dB / {fmt(m.get('ssim_chance'), '.3f')}"
                   " (the training mean image)")
     table.add_row("mean label accuracy", fmt(m.get("label_accuracy"), ".2f"))

@@ -188,7 +188,8 @@ def frontier_figure(front: dict[str, Any], path: Path) -> Path | None:
 
     One row of panels per panel key (e.g. the attack), one column per target (``update``, ``probe``): final test
     accuracy (%) against the mean attack PSNR (dB), one line per series (a defense with one key swept, its points in
-    strength order, each labelled with the key's value), ``none`` as a black star, and the mean chance PSNR of the
+    strength order, each labelled with the key's value; filled where every attack there is at or below its chance
+    level in PSNR and SSIM, hollow otherwise), ``none`` as a black star, and the mean chance PSNR of the
     panel's attacks (``psnr_chance``: the training mean image's score; at or below it nothing was recovered) as a
     dashed line. Returns ``None`` (and draws nothing) when there is no series.
     """
@@ -214,7 +215,11 @@ def frontier_figure(front: dict[str, Any], path: Path) -> Path | None:
                     continue
                 name = f"{s['defense']}: {s['key']}"
                 xs, ys = [pt["acc"][0] for pt in pts], [pt["psnr"][t][0] for pt in pts]
-                ax.plot(xs, ys, marker="o", markersize=4, color=colours[name], label=name, linewidth=1.2)
+                ax.plot(xs, ys, marker="o", markersize=4, color=colours[name], label=name, linewidth=1.2,
+                        markerfacecolor="white")
+                done = [(x, y) for x, y, pt in zip(xs, ys, pts) if pt.get("above", {}).get(t) == 0]
+                if done:  # filled: every attack at this point at or below its chance level (PSNR and SSIM)
+                    ax.scatter(*zip(*done), s=16, color=colours[name], zorder=4)
                 for x, y, pt in zip(xs, ys, pts):
                     ax.annotate(_value_text(pt["value"]), (x, y), textcoords="offset points", xytext=(3, 3),
                                 fontsize=6, color=colours[name])
@@ -222,6 +227,13 @@ def frontier_figure(front: dict[str, Any], path: Path) -> Path | None:
             if none and none["acc"][0] is not None and none["psnr"][t][0] is not None:
                 ax.scatter([none["acc"][0]], [none["psnr"][t][0]], marker="*", s=110, color="black", zorder=5,
                            label="none")
+            if not any(pt["psnr"][t][0] is not None for s in panel["series"] for pt in s["points"]):
+                held = [pt.get("unscored", {}).get(t, {}).get("num_images") for s in panel["series"]
+                        for pt in s["points"]]
+                held = [n for n in held if n is not None]
+                ax.text(0.5, 0.5, f"not attacked: the {t} holds {max(held):,} images,\nmore than an attack "
+                        "reconstructs (scored one-to-one only)" if held else f"no attack on the {t} was scored",
+                        transform=ax.transAxes, ha="center", va="center", fontsize=9, color="grey")
             if chance:
                 level = float(np.mean(chance))
                 ax.axhline(level, color="grey", linestyle="--", linewidth=0.9)
@@ -234,7 +246,8 @@ def frontier_figure(front: dict[str, Any], path: Path) -> Path | None:
                          + (f" — {where}" if where else ""), fontsize=9)
             ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
-    fig.suptitle("privacy–utility frontier: each defense's strength swept", fontsize=10)
+    fig.suptitle("privacy–utility frontier: each defense's strength swept (filled: every attack at or below "
+                 "chance in PSNR and SSIM)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

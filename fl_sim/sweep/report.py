@@ -67,7 +67,7 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
                          + " |")
         lines.append("")
     lines += ["Rows: " + "; ".join(f"**{r}** {what}" for r, what in table["rows"]) + f". {BELOW_CHANCE} marks a "
-              "PSNR or SSIM at or below its chance level: nothing recovered. Means are over the attacks that "
+              "PSNR or SSIM at or below its chance level (nothing recovered only where both are). Means are over the attacks that "
               "succeeded; table.csv counts them (rows attacks succeeded, attacks), and a row here shows them when "
               "some failed."]
     if base:
@@ -112,23 +112,36 @@ def write_frontier(sweep_dir: Path, cells: list[dict[str, Any]], settings: dict[
     defense ran at more than one strength; return ``frontier.md``'s path, or ``None`` (nothing written).
 
     ``frontier.md``: the figure, then per panel (e.g. the attack) one row per series — the defense, the swept key,
-    its values, and for each target the first (weakest) value at which the mean attack PSNR is at or below the mean
-    chance PSNR, the PSNR and chance level there, the accuracy there and its cost against ``none`` (points) — then
-    every point. ``frontier.csv``: one row per point with the same numbers.
+    its values, and for each target that was attacked the first (weakest) value at which every attack is at or below
+    its chance level in PSNR and SSIM (``reached``), the PSNR / SSIM and their chance levels there, the accuracy there
+    and its cost against ``none`` (points), and the first value by the lenient mean-PSNR criterion
+    (``reached_mean``) — then every point with its count of attacks above chance. A target none of whose attacks was
+    scored (a converged update holds more images than an attack reconstructs) gets one line saying so instead.
+    ``frontier.csv``: one row per point with the same numbers.
     """
     front = frontier(cells, settings)
     if not any(p["series"] for p in front["panels"]):
         return None
     figure = frontier_figure(front, sweep_dir / "frontier.png")
     targets = front["targets"]
+    points = [p for panel in front["panels"] for s in panel["series"] for p in s["points"]]
+    scored = [t for t in targets if any(p["attacks"][t] for p in points)]
     lines = [f"# Frontier of sweep `{sweep_dir.name}`", "",
-             "Each defense's strength swept, listed from the weakest setting to the strongest; "
-             "PSNR is the mean over a cell's attacks on a target, then mean ± sample std over the averaged axes; "
-             "*chance* is the mean PSNR of the training mean image against the same true images "
-             "(`psnr_chance` in the attack records): at or below it the attack recovered nothing. The `probe` "
-             "target is an audit of the worst case a client sending one image's gradient would face.", ""]
+             "Each defense's strength swept, listed from the weakest setting to the strongest. PSNR and SSIM are the "
+             "mean over a cell's attacks on a target, then mean ± sample std over the averaged axes; *chance* is the "
+             "mean score of the training mean image against the same true images (`psnr_chance`, `ssim_chance` in "
+             "the attack records). **At chance from**: the weakest strength at which *every* attack on the target "
+             "(all seeds, all attacked rounds) scores at or below its own chance level in both PSNR and SSIM — the "
+             "attack recovered nothing a constant image would not. *Mean PSNR at chance from* is the lenient "
+             "criterion (the mean PSNR at or below the mean chance PSNR); a round that leaks can hide in that mean. "
+             "The `probe` target is an audit of the worst case a client sending one image's gradient would face.",
+             ""]
     if figure is not None:
         lines += [f"![frontier]({figure.name})", ""]
+    for t in targets:
+        if t not in scored:
+            lines += [(f"**{t}**: {not_attacked(points, t) or 'no attack on it was scored'}; an attack is scored "
+                       "only against as many images as it reconstructs."), ""]
     rows = []
     for panel in front["panels"]:
         if not panel["series"]:
@@ -136,45 +149,68 @@ def write_frontier(sweep_dir: Path, cells: list[dict[str, Any]], settings: dict[
         where = ", ".join(f"{a} = {k}" for a, k in zip(front["panel_axes"], panel["key"])) or "all cells"
         none = panel["none"]
         ref = f"none: ACC {_stat_text(none['acc'])}%" + "".join(
-            f", PSNR {t} {_stat_text(none['psnr'][t])} dB" for t in targets) if none else "no `none` cell"
+            f", PSNR {t} {_stat_text(none['psnr'][t])} dB (chance {_num(none['chance'][t])}), SSIM {t} "
+            f"{_stat_text(none['ssim'][t], '.3f')} (chance {_num(none['ssim_chance'][t], '.3f')})"
+            for t in scored) if none else "no `none` cell"
         lines += [f"## {where}", "", ref + ".", ""]
         head = ["defense", "key", "values"]
-        for t in targets:
-            head += [f"{t}: at chance from", f"{t}: PSNR / chance (dB)", f"{t}: ACC there (%)",
-                     f"{t}: cost (points)"]
+        for t in scored:
+            head += [f"{t}: at chance from", f"{t}: PSNR / chance (dB)", f"{t}: SSIM / chance", f"{t}: ACC there (%)",
+                     f"{t}: cost (points)", f"{t}: mean PSNR at chance from"]
         lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         for s in panel["series"]:
             cells_row = [s["defense"], f"`{s['key']}`", ", ".join(_value(p["value"]) for p in s["points"])]
-            for t in targets:
-                hit = s["reached"][t]
+            for t in scored:
+                hit, last = s["reached"][t], s["points"][-1]
                 if hit is None:
-                    last = s["points"][-1]
-                    why = ("no chance level recorded" if last["chance"][t] is None else
-                           f"not reached (strongest: {_num(last['psnr'][t][0])} / {_num(last['chance'][t])})")
-                    cells_row += [why, "–", "–", "–"]
+                    why = ("no chance level recorded" if last["above"][t] is None else
+                           f"not reached (strongest: {last['above'][t]} of {last['attacks'][t]} attacks above)")
+                    cells_row += [why, "–", "–", "–", "–"]
                 else:
                     cells_row += [_value(hit["value"]), f"{_num(hit['psnr'])} / {_num(hit['chance'])}",
+                                  f"{_num(hit['ssim'], '.3f')} / {_num(hit['ssim_chance'], '.3f')}",
                                   _num(hit["acc"]), _num(hit["cost"])]
+                lenient = s["reached_mean"][t]
+                cells_row.append("not reached" if lenient is None else
+                                 f"{_value(lenient['value'])} (cost {_num(lenient['cost'])})")
             lines.append("| " + " | ".join(cells_row) + " |")
         lines += ["", "| defense | key | value | ACC (%) | " + " | ".join(
-            f"PSNR {t} (dB) | chance {t}" for t in targets) + " |", "|---" * (4 + 2 * len(targets)) + "|"]
+            f"PSNR {t} (dB) | chance | SSIM {t} | chance | {t} attacks above chance" for t in scored) + " |",
+            "|---" * (4 + 5 * len(scored)) + "|"]
         for s in panel["series"]:
             for p in s["points"]:
                 lines.append(f"| {s['defense']} | `{s['key']}` | {_value(p['value'])} | {_stat_text(p['acc'])} | "
-                             + " | ".join(f"{_stat_text(p['psnr'][t])} | {_num(p['chance'][t])}" for t in targets)
-                             + " |")
+                             + " | ".join(f"{_stat_text(p['psnr'][t])} | {_num(p['chance'][t])} | "
+                                          f"{_stat_text(p['ssim'][t], '.3f')} | {_num(p['ssim_chance'][t], '.3f')} | "
+                                          + ("–" if p["above"][t] is None else f"{p['above'][t]} of {p['attacks'][t]}")
+                                          for t in scored) + " |")
                 rows.append([*panel["key"], s["defense"], s["key"], _value(p["value"]), *p["acc"],
-                             *[x for t in targets for x in (*p["psnr"][t], p["chance"][t])]])
+                             *[x for t in targets for x in (*p["psnr"][t], p["chance"][t], p["ssim"][t][0],
+                                                             p["ssim_chance"][t], p["attacks"][t], p["above"][t])]])
         lines.append("")
     path = sweep_dir / "frontier.md"
     path.write_text("\n".join(lines))
     with open(sweep_dir / "frontier.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow([*front["panel_axes"], "defense", "key", "value", "acc", "acc std", "n",
-                    *[c for t in targets for c in (f"psnr {t}", f"psnr {t} std", f"n {t}", f"chance {t}")]])
+                    *[c for t in targets for c in (f"psnr {t}", f"psnr {t} std", f"n {t}", f"chance {t}",
+                                                   f"ssim {t}", f"ssim chance {t}", f"attacks {t}",
+                                                   f"above chance {t}")]])
         for r in rows:
             w.writerow(["" if x is None else (f"{x:.6g}" if isinstance(x, float) else x) for x in r])
     return path
+
+
+def not_attacked(points: list[dict[str, Any]], target: str) -> str | None:
+    """``"not attacked (the update holds N images)"`` when every attack on ``target`` at these frontier points
+    was recorded unscored (:func:`fl_sim.sweep.table.frontier`'s ``unscored``) and none was scored, else ``None``."""
+    if any(p["psnr"][target][0] is not None for p in points):
+        return None
+    held = [p["unscored"][target] for p in points if p.get("unscored", {}).get(target, {}).get("attacks")]
+    if not held:
+        return None
+    counts = [h["num_images"] for h in held if h["num_images"] is not None]
+    return f"not attacked (the {target} holds {max(counts):,} images)" if counts else "not attacked"
 
 
 def _value(value: Any) -> str:

@@ -212,7 +212,8 @@ def test_sweep_table_numbers_layout_and_figures(tmp_path):
     rows = list(csv.reader((out / "table.csv").open()))
     assert rows[0] == ["attack", "metric", "fashion-mnist/none", "fashion-mnist/slower"]
     body = {(r[0], r[1]): r[2:] for r in rows[1:]}
-    assert len(rows) == 1 + 2 * 15  # per attack: 6 means (4 + 2 chance levels), 6 stds, n, attacks succeeded/run
+    assert len(rows) == 1 + 2 * 17  # per attack: 6 means (4 + 2 chance levels), 6 stds, n, attacks succeeded/run,
+    #                                   attacks at chance/scored
     for attack in ("dlg", "idlg"):
         for j, defense in enumerate(("none", "slower")):
             psnrs = [truth[(attack, defense, s)][0] for s in "01"]

@@ -212,6 +212,14 @@ def test_table_rows_per_target_and_unchanged_without_targets(tmp_path):
     assert panel["rows"]["PSNR update"][col][0] == pytest.approx(11.0)
     md = write_sweep_report(sweep).read_text()
     assert "| PSNR probe | 42.00 ± 2.83 | 21.00 ± 1.41 |" in md
+    # every attack against its own chance level: p80's probe mean (9.65 dB) is below the mean chance (10.1 dB) and
+    # marked, but only seed 0's attack (9.0 ≤ 10.0 dB) is at chance; seed 1's (10.3 > 10.2 dB) is not
+    p80 = [k for k in table["column_keys"]].index(("fashion-mnist", "p80"))
+    assert panel["at_chance"]["probe"][p80] == (1, 2) and panel["at_chance"]["probe"][col] == (0, 2)
+    assert panel["at_chance"]["update"][p80] == (0, 2)  # 10.5 dB against 10.0
+    assert "| at chance probe | 0 of 2 | 0 of 2 | 1 of 2 | 2 of 2 |" in md
+    rows = {r[0]: r[1:] for r in csv.reader((sweep / "table.csv").open())}
+    assert rows["attacks at chance probe"] == ["0", "0", "1", "2"] and rows["attacks scored probe"] == ["2"] * 4
 
     # records without a target (runs from before targets existed): seed 001's rows, from attack_means as before
     old = tmp_path / "old"

@@ -65,11 +65,17 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
         if any(ok < run for ok, run in panel["attacks"]):
             lines.append("| attacks succeeded | " + " | ".join(f"{ok} of {run}" for ok, run in panel["attacks"])
                          + " |")
+        for t, counts in panel["at_chance"].items():
+            if any(n for _, n in counts):
+                lines.append(f"| {'at chance' if t == 'all' else 'at chance ' + t} | "
+                             + " | ".join(f"{k} of {n}" if n else "–" for k, n in counts) + " |")
         lines.append("")
     lines += ["Rows: " + "; ".join(f"**{r}** {what}" for r, what in table["rows"]) + f". {BELOW_CHANCE} marks a "
-              "PSNR or SSIM at or below its chance level (nothing recovered only where both are). Means are over the attacks that "
-              "succeeded; table.csv counts them (rows attacks succeeded, attacks), and a row here shows them when "
-              "some failed."]
+              "PSNR or SSIM at or below its chance level (nothing recovered only where both are). **at chance**: "
+              "how many of the entry's scored attacks (all seeds and attacked rounds) scored at or below their own "
+              "chance level in both PSNR and SSIM — a mean at chance can hide an attack that recovered the image. "
+              "Means are over the attacks that succeeded; table.csv counts them (rows attacks succeeded, attacks, "
+              "attacks at chance, attacks scored), and a row here shows them when some failed."]
     if base:
         lines.append(f"ART's baseline: the cells with {base[0]} = {base[1]} (\"ref\"); round 1 (worker start-up) "
                      "is left out of the round times. Round times measured while other work shares the machine "
@@ -95,6 +101,10 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
             w.writerow([*panel["key"], "n", *[s[2] for s in panel["rows"][table["rows"][0][0]]]])
             w.writerow([*panel["key"], "attacks succeeded", *[ok for ok, _ in panel["attacks"]]])
             w.writerow([*panel["key"], "attacks", *[run for _, run in panel["attacks"]]])
+            for t, counts in panel["at_chance"].items():
+                suffix = "" if t == "all" else f" {t}"
+                w.writerow([*panel["key"], f"attacks at chance{suffix}", *[k for k, _ in counts]])
+                w.writerow([*panel["key"], f"attacks scored{suffix}", *[n for _, n in counts]])
     return path
 
 

@@ -179,6 +179,20 @@ def attack_counts(cells: list[dict[str, Any]]) -> tuple[int, int]:
     return ok, run
 
 
+def chance_counts(cells: list[dict[str, Any]], target: str | None = None) -> tuple[int, int]:
+    """``(at_chance, scored)``: of the scored attacks of ``cells`` (on ``target``; all when ``None``), how many scored
+    at or below their own chance level in both PSNR and SSIM (nothing recovered), summed over the cells. An attack
+    without a chance level counts as scored and not at chance."""
+    at = scored = 0
+    for c in cells:
+        for a in c["summary"].get("attacks") or []:
+            if not isinstance(a.get("psnr"), (int, float)) or (target is not None and attack_target(a) != target):
+                continue
+            scored += 1
+            at += _at_chance(a) is True
+    return at, scored
+
+
 def sweep_table(cells: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
     """Seed 001's table over a sweep's finished cells.
 
@@ -196,7 +210,9 @@ def sweep_table(cells: list[dict[str, Any]], settings: dict[str, Any]) -> dict[s
 
     Returns:
         ``{"columns": [names], "column_keys": [label tuples], "panel_axes": [names], "panels": [{"key": label
-        tuple, "rows": {row: [(mean, std, n) per column]}, "attacks": [(succeeded, run) per column]}],
+        tuple, "rows": {row: [(mean, std, n) per column]}, "attacks": [(succeeded, run) per column],
+        "at_chance": {target: [(at chance, scored) per column]} (:func:`chance_counts`; one entry per target when
+        the cells attacked more than the update, else ``{"all": ...}``)}],
         "baseline": (axis, label) | None, "rows": [(row, what)] in order (:func:`sweep_rows`)}``.
     """
     names = [a["name"] for a in settings["axes"]]
@@ -231,18 +247,22 @@ def sweep_table(cells: list[dict[str, Any]], settings: dict[str, Any]) -> dict[s
         return out
 
     column_keys = order(cells, columns, settings, complete=True)
+    count_targets = [t for t in cell_targets(cells) if t != "update" or len(cell_targets(cells)) > 1] or ["all"]
     panels = []
     for pkey in order(cells, panel_axes, settings, complete=True):
         in_panel = [c for c in cells if tuple(label_of(c, a) for a in panel_axes) == pkey]
         rows: dict[str, list[tuple[float | None, float | None, int]]] = {r: [] for r, _ in row_list}
         attacks: list[tuple[int, int]] = []
+        at_chance: dict[str, list[tuple[int, int]]] = {t: [] for t in count_targets}
         for ckey in column_keys:
             cols = [c for c in in_panel if tuple(label_of(c, n) for n in columns) == ckey]
             group = [metrics(c) for c in cols]
             for r, _ in row_list:
                 rows[r].append(_stats([m[r] for m in group]))
             attacks.append(attack_counts(cols))
-        panels.append({"key": pkey, "rows": rows, "attacks": attacks})
+            for t in count_targets:
+                at_chance[t].append(chance_counts(cols, None if t == "all" else t))
+        panels.append({"key": pkey, "rows": rows, "attacks": attacks, "at_chance": at_chance})
     return {"columns": columns, "column_keys": column_keys, "panel_axes": panel_axes, "panels": panels,
             "average": average, "baseline": baseline, "rows": row_list}
 

@@ -8,6 +8,9 @@ Statistical checks use fixed seeds and state their tolerances (several standard 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import dp_accounting
 import numpy as np
@@ -310,3 +313,17 @@ def test_dp_sgd_refuses_a_plan_that_changes_mid_run(fmnist):
     _, longer, _, _ = setup(fmnist, **over, **{"num-server-rounds": 6})
     with pytest.raises(ValueError, match="plan changed after 5 steps"):
         one_round(longer, glob, fmnist, part, state, 2)
+
+
+def test_the_client_app_imports_neither_dp_accounting_nor_scipy():
+    """dp-accounting pulls in SciPy (~1.4 s); every ClientApp process (one per message under Flower's deployment
+    engine) and simulated node imports the ClientApp, so the DP defenses import it on first use only."""
+    code = ("import sys, clients.client_app; "
+            "print(sorted(m for m in ('dp_accounting', 'scipy', 'skimage', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
+    # and the accountants still work once a DP defense asks for them
+    from clients.defenses.dp import epsilon_spent
+
+    assert epsilon_spent("gaussian", 1.0, 1, 1e-5) > 0

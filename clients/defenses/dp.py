@@ -47,16 +47,26 @@ import functools
 import math
 from dataclasses import dataclass
 
-import dp_accounting
 import torch
-from dp_accounting.pld import PLDAccountant
-from dp_accounting.rdp import RdpAccountant
 from flwr.app import ConfigRecord, RecordDict
 
 from clients.defenses.base import Defense, StepContext
 from fl_sim.task.keys import Key
 
 STATE_KEY = "dp"
+
+
+def dp_accounting_lib():
+    """The ``dp_accounting`` package with its ``pld`` and ``rdp`` accountants, imported on first use.
+
+    It pulls in SciPy (~1.4 s of a ClientApp's import on this machine), which every ClientApp process — Flower's
+    deployment engine starts one per message — and every simulated node would otherwise pay, with any defense.
+    """
+    import dp_accounting
+    import dp_accounting.pld
+    import dp_accounting.rdp
+
+    return dp_accounting
 
 #: Value discretisation of dp-accounting's PLD accountant here: 1e-3 instead of its default 1e-4 (10× faster;
 #: the estimate stays pessimistic, i.e. an upper bound on ε; on dp.md's reference rows it is at most +0.011 above
@@ -132,7 +142,7 @@ def gaussian_sigma(sens: float, epsilon: float, delta: float) -> float:
 
 @functools.lru_cache(maxsize=256)
 def _sigma_one(epsilon: float, delta: float) -> float:
-    return float(dp_accounting.get_sigma_gaussian(epsilon, delta))
+    return float(dp_accounting_lib().get_sigma_gaussian(epsilon, delta))
 
 
 def classical_gaussian_sigma(sens: float, epsilon: float, delta: float) -> float:
@@ -201,13 +211,15 @@ def epsilon_spent(mechanism: str, multiplier: float, releases: int, delta: float
         return 0.0
     if multiplier <= 0:
         return math.inf
+    dpa = dp_accounting_lib()
     if mechanism == "gaussian":
         if accountant == "pld":
-            return float(dp_accounting.get_epsilon_gaussian(multiplier / math.sqrt(releases), delta))
-        return float(RdpAccountant().compose(dp_accounting.GaussianDpEvent(multiplier), int(releases))
+            return float(dpa.get_epsilon_gaussian(multiplier / math.sqrt(releases), delta))
+        return float(dpa.rdp.RdpAccountant().compose(dpa.GaussianDpEvent(multiplier), int(releases))
                      .get_epsilon(delta))
-    acc = (PLDAccountant(value_discretization_interval=DISCRETIZATION) if accountant == "pld" else RdpAccountant())
-    eps = float(acc.compose(dp_accounting.LaplaceDpEvent(multiplier), int(releases)).get_epsilon(delta))
+    acc = (dpa.pld.PLDAccountant(value_discretization_interval=DISCRETIZATION) if accountant == "pld"
+           else dpa.rdp.RdpAccountant())
+    eps = float(acc.compose(dpa.LaplaceDpEvent(multiplier), int(releases)).get_epsilon(delta))
     return min(eps, releases / multiplier)  # pure ε-DP composes linearly (δ = 0)
 
 

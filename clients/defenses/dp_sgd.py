@@ -53,18 +53,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import dp_accounting
 import numpy as np
 import torch
-from dp_accounting import NeighboringRelation
-from dp_accounting.pld import privacy_loss_distribution as pld_lib
-from dp_accounting.rdp import RdpAccountant
 from flwr.app import ConfigRecord, RecordDict
-from scipy import optimize
 from torch import nn
 
 from clients.defenses.base import Defense, StepContext, per_sample_gradients
-from clients.defenses.dp import DISCRETIZATION, KEYS, PrivacyBudgetExhausted, check_accountant
+from clients.defenses.dp import DISCRETIZATION, KEYS, PrivacyBudgetExhausted, check_accountant, dp_accounting_lib
 from fl_sim.task.config import TaskConfig
 from fl_sim.task.contract import TrainConfig
 from fl_sim.task.datasets import DATASETS
@@ -175,22 +170,26 @@ def sgd_epsilon(sigma: float, q: float, steps: int, delta: float, accountant: st
         return 0.0
     if sigma <= 0:
         return math.inf
+    dpa = dp_accounting_lib()
     if accountant == "rdp":
-        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
-        return float(RdpAccountant().compose(event, int(steps)).get_epsilon(delta))
+        event = dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma))
+        return float(dpa.rdp.RdpAccountant().compose(event, int(steps)).get_epsilon(delta))
     if q == 1:
-        return float(dp_accounting.get_epsilon_gaussian(sigma / math.sqrt(steps), delta))
+        return float(dpa.get_epsilon_gaussian(sigma / math.sqrt(steps), delta))
     return float(_subsampled_gaussian_pld(sigma, q, discretization).self_compose(int(steps))
                  .get_epsilon_for_delta(delta))
 
 
 @functools.lru_cache(maxsize=64)
-def _subsampled_gaussian_pld(sigma: float, q: float, discretization: float) -> pld_lib.PrivacyLossDistribution:
-    """The PLD of one Poisson-subsampled Gaussian step, built exactly as dp-accounting's ``PLDAccountant`` builds it
-    for ``PoissonSampledDpEvent(q, GaussianDpEvent(σ))`` (add/remove-one), kept so that the per-round reports only
-    pay for the composition."""
-    return pld_lib.from_gaussian_mechanism(standard_deviation=sigma, value_discretization_interval=discretization,
-                                           sampling_prob=q, neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
+def _subsampled_gaussian_pld(sigma: float, q: float, discretization: float) -> Any:
+    """The PLD of one Poisson-subsampled Gaussian step (a ``dp_accounting.pld.privacy_loss_distribution.
+    PrivacyLossDistribution``), built exactly as dp-accounting's ``PLDAccountant`` builds it for
+    ``PoissonSampledDpEvent(q, GaussianDpEvent(σ))`` (add/remove-one), kept so that the per-round reports only pay
+    for the composition."""
+    dpa = dp_accounting_lib()
+    return dpa.pld.privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=sigma, value_discretization_interval=discretization, sampling_prob=q,
+        neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
 
 
 @functools.lru_cache(maxsize=256)
@@ -221,6 +220,8 @@ def calibrate_sigma(epsilon: float, delta: float, q: float, steps: int, accounta
         if lo <= floor:
             return float(lo)
         lo, hi = max(lo / 2, floor), lo
+    from scipy import optimize  # on first use, as dp-accounting (clients.defenses.dp.dp_accounting_lib)
+
     root = optimize.brentq(gap, lo, hi, xtol=CALIBRATION_RTOL * lo, rtol=CALIBRATION_RTOL)
     for cand in (root, root * (1 + CALIBRATION_RTOL), hi):  # Brent's root is within tol, on either side
         if gap(cand) <= 0:

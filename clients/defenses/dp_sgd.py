@@ -59,7 +59,13 @@ from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
 from clients.defenses.base import Defense, StepContext, per_sample_gradients
-from clients.defenses.dp import DISCRETIZATION, KEYS, PrivacyBudgetExhausted, check_accountant, dp_accounting_lib
+from clients.defenses.dp import (
+    DISCRETIZATION,
+    KEYS,
+    PrivacyBudgetExhausted,
+    check_accountant,
+    dp_accounting_lib,
+)
 from fl_sim.task.config import TaskConfig
 from fl_sim.task.contract import TrainConfig
 from fl_sim.task.datasets import DATASETS
@@ -220,7 +226,8 @@ def calibrate_sigma(epsilon: float, delta: float, q: float, steps: int, accounta
         if lo <= floor:
             return float(lo)
         lo, hi = max(lo / 2, floor), lo
-    from scipy import optimize  # on first use, as dp-accounting (clients.defenses.dp.dp_accounting_lib)
+    # SciPy on first use, as dp-accounting (clients.defenses.dp.dp_accounting_lib)
+    from scipy import optimize
 
     root = optimize.brentq(gap, lo, hi, xtol=CALIBRATION_RTOL * lo, rtol=CALIBRATION_RTOL)
     for cand in (root, root * (1 + CALIBRATION_RTOL), hi):  # Brent's root is within tol, on either side

@@ -179,17 +179,28 @@ def attack_counts(cells: list[dict[str, Any]]) -> tuple[int, int]:
     return ok, run
 
 
+def _at_chance(a: dict[str, Any]) -> bool | None:
+    """Whether one scored attack record recovered nothing: its PSNR at or below ``psnr_chance`` **and** its SSIM at or
+    below ``ssim_chance``; ``None`` when either chance level is missing."""
+    try:
+        return bool(a["psnr"] <= a["psnr_chance"] and a["ssim"] <= a["ssim_chance"])
+    except (KeyError, TypeError):
+        return None
+
+
 def chance_counts(cells: list[dict[str, Any]], target: str | None = None) -> tuple[int, int]:
-    """``(at_chance, scored)``: of the scored attacks of ``cells`` (on ``target``; all when ``None``), how many scored
-    at or below their own chance level in both PSNR and SSIM (nothing recovered), summed over the cells. An attack
-    without a chance level counts as scored and not at chance."""
+    """``(at_chance, scored)``: of the scored attacks of ``cells`` (on ``target``; all when ``None``) that carry both
+    chance levels, how many scored at or below them in both PSNR and SSIM (:func:`_at_chance`: nothing recovered),
+    summed over the cells. Attacks recorded before chance levels existed are left out of both counts."""
     at = scored = 0
     for c in cells:
         for a in c["summary"].get("attacks") or []:
-            if not isinstance(a.get("psnr"), (int, float)) or (target is not None and attack_target(a) != target):
+            if target is not None and attack_target(a) != target:
                 continue
-            scored += 1
-            at += _at_chance(a) is True
+            verdict = _at_chance(a) if isinstance(a.get("psnr"), (int, float)) else None
+            if verdict is not None:
+                scored += 1
+                at += verdict
     return at, scored
 
 
@@ -353,15 +364,6 @@ def strength_order(key: str, values: list[Any]) -> list[Any]:
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in distinct):
         return sorted(distinct, reverse=key in WEAKER_WHEN_LARGER)
     return distinct
-
-
-def _at_chance(a: dict[str, Any]) -> bool | None:
-    """Whether one scored attack record recovered nothing: its PSNR at or below ``psnr_chance`` **and** its SSIM at or
-    below ``ssim_chance``; ``None`` when either chance level is missing."""
-    try:
-        return bool(a["psnr"] <= a["psnr_chance"] and a["ssim"] <= a["ssim_chance"])
-    except (KeyError, TypeError):
-        return None
 
 
 def frontier(cells: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:

@@ -362,10 +362,10 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
         assert c["cfg"]["client-num-cpus"] == 1.0 and len(c["summary"]["attacks"]) == 1
     rows = list(csv.reader((out / "table.csv").open()))
     assert rows[0] == ["attack", "metric", "fashion-mnist/none"]
-    assert [r[1] for r in rows[1:16]] == ["PSNR", "PSNR chance", "SSIM", "SSIM chance", "ACC", "ART", "PSNR std",
+    assert [r[1] for r in rows[1:18]] == ["PSNR", "PSNR chance", "SSIM", "SSIM chance", "ACC", "ART", "PSNR std",
                                           "PSNR chance std", "SSIM std", "SSIM chance std", "ACC std", "ART std", "n",
-                                          "attacks succeeded", "attacks"]
-    assert {r[0] for r in rows[1:]} == {"DLG", "iDLG"} and len(rows) == 31
+                                          "attacks succeeded", "attacks", "attacks at chance", "attacks scored"]
+    assert {r[0] for r in rows[1:]} == {"DLG", "iDLG"} and len(rows) == 35
     for r in rows[1:]:
         if r[1] in ("PSNR", "PSNR chance", "ACC"):
             assert float(r[2]) > 0

@@ -69,8 +69,14 @@ def test_two_hosts_tls_auth_and_a_supernode_killed_and_restarted(tmp_path):
     assert [r["round"] for r in records] == list(range(1, ROUNDS + 1))
     clients = [sorted(c["partition_id"] for c in r["clients"]) for r in records]
     assert clients[0] == ["0", "1"]
-    # node 0 answered every round; the crash cost node 1 at least the round that was running
-    assert all("0" in c for c in clients) and clients[1:-1].count(["0"]) >= 1
+    # node 0 answered every round. The crash cost node 1 a round, or a round waited for the restarted node to pick
+    # its queued message up (the SuperLink keeps a crashed node's messages; which one happens depends on whether the
+    # kill came before or after the next round's message was sent — both were seen on fresh-clone CI runs)
+    assert all("0" in c for c in clients)
+    outage = events["rejoined"] - events["killed"]
+    lost = clients[1:-1].count(["0"]) >= 1
+    waited = any(r["round_time_s"] >= 0.5 * outage for r in records[1:])
+    assert lost or waited, (clients, [r["round_time_s"] for r in records], outage)
     # node 1 rejoined: rounds after the restart have its reply again, the last one included
     assert clients[-1] == ["0", "1"]
     # round time across the veth pair, rounds with both nodes after round 1 (which also asks every node for its

@@ -28,7 +28,11 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import correlate1d
 from scipy.optimize import linear_sum_assignment
-from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
+from skimage.metrics import (
+    mean_squared_error,
+    peak_signal_noise_ratio,
+    structural_similarity,
+)
 
 #: Pixel differences held at once while :func:`match` builds its cost matrix (~64 MB of float32).
 MATCH_CHUNK = 16_000_000
@@ -195,22 +199,33 @@ def chance_scores(reference: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return {f"{k}_chance": s[k] for k in CHANCE_METRICS}
 
 
+def below_chance(scores: dict, name: str) -> bool | None:
+    """Whether ``scores[name]`` is at or below ``scores[name + "_chance"]``; ``None`` when either is missing or
+    ``None`` (not comparable). ``scores`` is an attack record or the means of several."""
+    v, c = scores.get(name), scores.get(f"{name}_chance")
+    return None if v is None or c is None else bool(v <= c)
+
+
+def at_chance(scores: dict) -> bool | None:
+    """Whether a reconstruction recovered nothing: PSNR **and** SSIM at or below their chance levels
+    (:func:`below_chance`); ``None`` when either comparison is not possible."""
+    p, q = below_chance(scores, "psnr"), below_chance(scores, "ssim")
+    return None if p is None or q is None else p and q
+
+
 def chance_note(scores: dict) -> str:
     """How scores compare with their chance levels, in words: ``""`` when both PSNR and SSIM are above chance (or a
-    chance level is missing), ``"PSNR and SSIM at or below chance: nothing recovered"`` when both are at or below,
-    else which one is (``"PSNR at or below chance, SSIM above it"``). Only both at or below means nothing was
-    recovered: a reconstruction can sit below the mean image's PSNR and still show the image's structure in SSIM.
+    chance level is missing), ``"PSNR and SSIM at or below chance: nothing recovered"`` when both are at or below
+    (:func:`at_chance`), else which one is (``"PSNR at or below chance, SSIM above it"``). Only both at or below
+    means nothing was recovered: a reconstruction can sit below the mean image's PSNR and still show the image's
+    structure in SSIM.
 
     Args:
         scores: a mapping with ``psnr``, ``psnr_chance``, ``ssim``, ``ssim_chance`` (an attack record, or the means
             of several; a missing or ``None`` value counts as not comparable).
     """
-    def low(name: str) -> bool | None:
-        v, c = scores.get(name), scores.get(f"{name}_chance")
-        return None if v is None or c is None else v <= c
-
-    p, q = low("psnr"), low("ssim")
-    if p and q:
+    p, q = below_chance(scores, "psnr"), below_chance(scores, "ssim")
+    if at_chance(scores):
         return "PSNR and SSIM at or below chance: nothing recovered"
     if p:
         return "PSNR at or below chance, SSIM above it" if q is False else "PSNR at or below chance"

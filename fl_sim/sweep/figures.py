@@ -9,7 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from fl_sim.sweep.table import cell_targets, label_of, order, target_means
+from fl_sim.sweep.table import (
+    cell_targets,
+    label_of,
+    order,
+    target_means,
+    unscored_images,
+)
+
 
 def _crop_white(img: Any, pad: int = 4) -> Any:
     """An RGB(A) float image without its near-white margins (keeps ``pad`` pixels)."""
@@ -227,11 +234,10 @@ def frontier_figure(front: dict[str, Any], path: Path) -> Path | None:
             if none and none["acc"][0] is not None and none["psnr"][t][0] is not None:
                 ax.scatter([none["acc"][0]], [none["psnr"][t][0]], marker="*", s=110, color="black", zorder=5,
                            label="none")
-            if not any(pt["psnr"][t][0] is not None for s in panel["series"] for pt in s["points"]):
-                held = [pt.get("unscored", {}).get(t, {}).get("num_images") for s in panel["series"]
-                        for pt in s["points"]]
-                held = [n for n in held if n is not None]
-                ax.text(0.5, 0.5, f"not attacked: the {t} holds {max(held):,} images,\nmore than an attack "
+            every = [pt for s in panel["series"] for pt in s["points"]]
+            if not any(pt["psnr"][t][0] is not None for pt in every):
+                held = unscored_images(every, t)
+                ax.text(0.5, 0.5, f"not attacked: the {t} holds {held:,} images,\nmore than an attack "
                         "reconstructs (scored one-to-one only)" if held else f"no attack on the {t} was scored",
                         transform=ax.transAxes, ha="center", va="center", fontsize=9, color="grey")
             if chance:

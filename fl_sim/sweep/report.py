@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-
 from typing import Any
 
 from fl_sim.sweep.figures import frontier_figure, sweep_figures
-from fl_sim.sweep.table import BELOW_CHANCE, _cell_text, _sweep_settings, frontier, load_sweep_cells, sweep_table
+from fl_sim.sweep.table import (
+    BELOW_CHANCE,
+    _cell_text,
+    _sweep_settings,
+    frontier,
+    load_sweep_cells,
+    sweep_table,
+    unscored_images,
+)
 
 
 def is_sweep_dir(path: str | Path) -> bool:
@@ -214,13 +221,11 @@ def write_frontier(sweep_dir: Path, cells: list[dict[str, Any]], settings: dict[
 def not_attacked(points: list[dict[str, Any]], target: str) -> str | None:
     """``"not attacked (the update holds N images)"`` when every attack on ``target`` at these frontier points
     was recorded unscored (:func:`fl_sim.sweep.table.frontier`'s ``unscored``) and none was scored, else ``None``."""
-    if any(p["psnr"][target][0] is not None for p in points):
+    if any(p["psnr"][target][0] is not None for p in points) or not any(
+            p.get("unscored", {}).get(target, {}).get("attacks") for p in points):
         return None
-    held = [p["unscored"][target] for p in points if p.get("unscored", {}).get(target, {}).get("attacks")]
-    if not held:
-        return None
-    counts = [h["num_images"] for h in held if h["num_images"] is not None]
-    return f"not attacked (the {target} holds {max(counts):,} images)" if counts else "not attacked"
+    held = unscored_images(points, target)
+    return f"not attacked (the {target} holds {held:,} images)" if held is not None else "not attacked"
 
 
 def _value(value: Any) -> str:

@@ -12,6 +12,7 @@ import numpy as np
 
 from clients.defenses import DEFENSES
 from fl_sim.results import attack_target, read_metrics
+from strategies.metrics import at_chance
 
 # --- sweeps: seed 001's table and the figures over cells ----------------------------------------------------------
 #: The rows of seed 001's table, in its order, with the chance level under each score: (name, what it is).
@@ -179,25 +180,17 @@ def attack_counts(cells: list[dict[str, Any]]) -> tuple[int, int]:
     return ok, run
 
 
-def _at_chance(a: dict[str, Any]) -> bool | None:
-    """Whether one scored attack record recovered nothing: its PSNR at or below ``psnr_chance`` **and** its SSIM at or
-    below ``ssim_chance``; ``None`` when either chance level is missing."""
-    try:
-        return bool(a["psnr"] <= a["psnr_chance"] and a["ssim"] <= a["ssim_chance"])
-    except (KeyError, TypeError):
-        return None
-
-
 def chance_counts(cells: list[dict[str, Any]], target: str | None = None) -> tuple[int, int]:
     """``(at_chance, scored)``: of the scored attacks of ``cells`` (on ``target``; all when ``None``) that carry both
-    chance levels, how many scored at or below them in both PSNR and SSIM (:func:`_at_chance`: nothing recovered),
+    chance levels, how many scored at or below them in both PSNR and SSIM (:func:`strategies.metrics.at_chance`:
+    nothing recovered),
     summed over the cells. Attacks recorded before chance levels existed are left out of both counts."""
     at = scored = 0
     for c in cells:
         for a in c["summary"].get("attacks") or []:
             if target is not None and attack_target(a) != target:
                 continue
-            verdict = _at_chance(a) if isinstance(a.get("psnr"), (int, float)) else None
+            verdict = at_chance(a) if isinstance(a.get("psnr"), (int, float)) else None
             if verdict is not None:
                 scored += 1
                 at += verdict
@@ -366,6 +359,15 @@ def strength_order(key: str, values: list[Any]) -> list[Any]:
     return distinct
 
 
+def unscored_images(points: list[dict[str, Any]], target: str) -> int | None:
+    """The largest image count held by an unscored attack on ``target`` at these frontier points (:func:`frontier`'s
+    ``unscored``), when no attack on it was scored there; ``None`` otherwise (or when no count was recorded)."""
+    if any(p["psnr"][target][0] is not None for p in points):
+        return None
+    held = [p.get("unscored", {}).get(target, {}).get("num_images") for p in points]
+    return max((n for n in held if n is not None), default=None)
+
+
 def frontier(cells: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
     """Each defense's privacy–utility frontier over a sweep's finished cells (``sweeps/frontier-fmnist.toml``).
 
@@ -427,7 +429,7 @@ def frontier(cells: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str,
             out["ssim"][t] = _stats([target_means(c["summary"], t)["ssim"] for c in group])
             out["chance"][t] = mean_of([a.get("psnr_chance") for a in scored])
             out["ssim_chance"][t] = mean_of([a.get("ssim_chance") for a in scored])
-            verdicts = [_at_chance(a) for a in scored]
+            verdicts = [at_chance(a) for a in scored]
             out["attacks"][t] = len(scored)
             out["above"][t] = None if None in verdicts else sum(not v for v in verdicts)
             held = [a.get("num_images") for a in mine if a.get("unscored")]

@@ -13,8 +13,15 @@
 #   FLWR_HOME  this node's Flower state folder (default ./.flwr/supernode-PARTITION_ID)
 #   NODE_KEY   private key (OpenSSH EC format, deploy/make_node_key.sh) when the SuperLink has NODE_AUTH=1
 #   INSECURE   1: no TLS (loopback experiments only)
-#   FLWR_SUPEREXEC_TASK_POLL_INTERVAL  seconds between the node's task polls (Flower's default 1.0; shorter
-#              intervals measured slower on a 2-core machine, see docs/deployment.md)
+#   FLOWER_SUPERNODE  1: run Flower's own flower-supernode unchanged (a fresh flwr-clientapp process per message,
+#              3 s idle polls). Default: python -m fl_sim.supernode, the same SuperNode with a warm SuperExec (each
+#              message's ClientApp forked from a process that has imported torch) and short polls (fl_sim/supernode.py,
+#              docs/deployment.md).
+#   FL_SIM_NODE_POLL_S, FL_SIM_NODE_REPLY_POLL_S  fl_sim.supernode's idle pull interval (default 0.1 s; Flower: 3)
+#              and reply-wait step (default 0.02 s; Flower: 0.5)
+#   FLWR_SUPEREXEC_TASK_POLL_INTERVAL  seconds between the SuperExec's task polls (Flower's default 1.0;
+#              fl_sim.superexec's default 0.05)
+#   PYTHON     the interpreter with fl-sim installed (default: python on PATH)
 #   SECRET_SEED  this node's secret seed (an integer in [0, 2^63)), passed as node config secret-seed: every private
 #              draw of the client (batches, DP noise, GradDefense's slices, FedKL's key) derives from it and it
 #              never reaches the server. Unset: the client draws one from OS entropy and keeps it in its
@@ -49,4 +56,7 @@ else
   args+=(--root-certificates "$CERTS/ca.crt")
 fi
 [ -n "${NODE_KEY:-}" ] && args+=(--auth-supernode-private-key "$NODE_KEY")
-exec flower-supernode "${args[@]}"
+if [ "${FLOWER_SUPERNODE:-0}" = 1 ]; then
+  exec flower-supernode "${args[@]}"
+fi
+exec "${PYTHON:-python}" -m fl_sim.supernode "${args[@]}"

@@ -226,4 +226,11 @@ def main(grid: Grid, context: Context) -> None:
     check_feasible(cfg, machine=False)
     if isinstance(grid, InMemoryGrid):  # simulation runtime: clients run on this machine
         check_simulation_gpus(cfg)
+    else:  # deployment: replies are pulled from the SuperLink
+        from flwr.superlink.grid import http_grid
+
+        from fl_sim.supernode import shorter_backoff
+
+        # A reply is listed before the SuperNode has pushed its arrays; Flower's first retry delay is 1 s.
+        http_grid.pull_objects = shorter_backoff(http_grid.pull_objects)
     run_server(grid, cfg)  # checks the device keys on the server's machine before any round

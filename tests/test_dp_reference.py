@@ -125,6 +125,11 @@ def test_laplace_accounting():
     assert dp.epsilon_spent("laplace", 1.0, 10, 1e-5) == pytest.approx(9.9900, abs=1e-3)
     assert dp.epsilon_spent("laplace", 1.0, 10, 1e-5, "rdp") == pytest.approx(9.9903, abs=1e-3)
     assert dp.epsilon_spent("laplace", 1.0, 100, 1e-5) == pytest.approx(68.253, abs=2e-2)
+    # fl-sim builds the one-release PLD once per multiplier; the ε is dp-accounting's PLDAccountant's, bit for bit
+    for m, n in ((0.1, 1), (0.1, 40), (1.0, 3), (1.0, 100), (2.5, 17)):
+        ref = PLDAccountant(value_discretization_interval=dp.DISCRETIZATION).compose(
+            dp_accounting.LaplaceDpEvent(m), n).get_epsilon(1e-5)
+        assert dp.epsilon_spent.__wrapped__("laplace", m, n, 1e-5) == min(ref, n / m)
     # the b the defense uses: Δ/ε, here Δ = 2, ε = 4
     assert dp.noise_scale("laplace", params_of("dp-laplace", **{"defense-dp-epsilon": 4.0,
                                                                 "defense-dp-sensitivity": 2.0})) == 0.5

@@ -217,10 +217,26 @@ def epsilon_spent(mechanism: str, multiplier: float, releases: int, delta: float
             return float(dpa.get_epsilon_gaussian(multiplier / math.sqrt(releases), delta))
         return float(dpa.rdp.RdpAccountant().compose(dpa.GaussianDpEvent(multiplier), int(releases))
                      .get_epsilon(delta))
-    acc = (dpa.pld.PLDAccountant(value_discretization_interval=DISCRETIZATION) if accountant == "pld"
-           else dpa.rdp.RdpAccountant())
-    eps = float(acc.compose(dpa.LaplaceDpEvent(multiplier), int(releases)).get_epsilon(delta))
+    if accountant == "pld":
+        # what dp-accounting's PLDAccountant(value_discretization_interval=DISCRETIZATION) computes for
+        # compose(LaplaceDpEvent(multiplier), releases).get_epsilon(delta), step for step, with the one-release PLD
+        # built once per multiplier: building it is about half of the accountant's time (~30 ms at b/Δ = 0.1)
+        pld = dpa.pld.privacy_loss_distribution
+        composed = pld.identity(value_discretization_interval=DISCRETIZATION).compose(
+            _laplace_pld(multiplier).self_compose(int(releases)))
+        eps = float(composed.get_epsilon_for_delta(delta))
+    else:
+        eps = float(dpa.rdp.RdpAccountant().compose(dpa.LaplaceDpEvent(multiplier), int(releases)).get_epsilon(delta))
     return min(eps, releases / multiplier)  # pure ε-DP composes linearly (δ = 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _laplace_pld(multiplier: float):
+    """dp-accounting's PLD of one Laplace release of noise multiplier ``multiplier`` (b/Δ), discretised as
+    :func:`epsilon_spent` does (pessimistic, interval :data:`DISCRETIZATION`); never modified (``self_compose`` and
+    ``compose`` return new objects)."""
+    return dp_accounting_lib().pld.privacy_loss_distribution.from_laplace_mechanism(
+        parameter=multiplier, value_discretization_interval=DISCRETIZATION)
 
 
 # -- the mechanisms ------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from flwr.superlink.grid import InMemoryGrid
 from fl_sim.config import ConfigError, check_devices, check_feasible, resolve, specs
 from fl_sim.report import write_run_report
 from fl_sim.results import RunRecorder, provenance, read_metrics, run_dir_for, summarize, write_summary
+from fl_sim.supernode import shorter_backoff
 from fl_sim.task.datasets import load_dataset
 from fl_sim.task.models import build_model
 from strategies.checkpoint import RoundOffset, checkpointing, load_checkpoint, restore, save_checkpoint, truncate_metrics
@@ -228,8 +229,6 @@ def main(grid: Grid, context: Context) -> None:
         check_simulation_gpus(cfg)
     else:  # deployment: replies are pulled from the SuperLink
         from flwr.superlink.grid import http_grid
-
-        from fl_sim.supernode import shorter_backoff
 
         # A reply is listed before the SuperNode has pushed its arrays; Flower's first retry delay is 1 s.
         http_grid.pull_objects = shorter_backoff(http_grid.pull_objects)

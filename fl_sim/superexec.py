@@ -37,6 +37,8 @@ from logging import INFO
 from collections.abc import Callable
 from pathlib import Path
 
+from fl_sim.supernode import shorter_backoff
+
 #: Third-party modules imported once by the SuperExec and inherited by every forked ClientApp (what
 #: ``clients.client_app`` and Flower's ``run_clientapp`` import that costs time: torch ~2 s, flwr ~0.8 s idle).
 PRELOAD = ("numpy", "torch", "flwr.clientapp", "flwr.supernode.runtime.run_clientapp")
@@ -225,8 +227,6 @@ def main() -> None:
         importlib.import_module(name)
     import flwr.supernode.runtime.run_clientapp as rc
     from flwr.supercore.cli import flower_superexec
-
-    from fl_sim.supernode import shorter_backoff
 
     rc.install_from_fab = install_once(rc.install_from_fab)
     # Flower's SuperNode creates the task before it has pulled the message's objects from the SuperLink, so a

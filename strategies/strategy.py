@@ -136,6 +136,8 @@ class CuriousFedAvg(FedAvg):
         self._grid: Grid | None = None  # the Grid of the current round (the probe is a message); None in the audit
         self.partition_of: dict[int, int] = {}  # Flower node id -> partition id (learnt by query.whoami)
         self.excluded: set[int] = set()  # nodes that did not answer query.whoami or were replaced (never sampled)
+        self._online: frozenset[int] | None = None  # the connected nodes when partition_of was last brought up to date
+        self._node_of: dict[int, int] = {}  # partition id -> node id among them
         self._record: dict[str, Any] = {}
         self._t0 = 0.0
         self.num_rounds = server.num_server_rounds
@@ -168,18 +170,23 @@ class CuriousFedAvg(FedAvg):
         record = self.new_record(server_round)
         self._grid = grid
         task, server = self.spec.task, self.spec.server
-        connected = sorted(grid.get_node_ids())
-        online = set(connected)
-        new = [n for n in connected if n not in self.partition_of and n not in self.excluded]
-        found, failures = discover_partitions(grid, new, task.num_supernodes, server.node_timeout,
-                                              {n: p for n, p in self.partition_of.items() if n in online},
-                                              strict=not self.partition_of)
-        taken = set(found.values())
-        self.partition_of = {n: p for n, p in self.partition_of.items() if p not in taken} | found
-        self.excluded.update(f["node"] for f in failures)  # silent or replaced: never asked again
-        record["failures"].extend(failures)
+        online = frozenset(grid.get_node_ids())
+        if online != self._online:  # nodes came or went (or the first round): ask the new ones, remap
+            connected = sorted(online)
+            new = [n for n in connected if n not in self.partition_of and n not in self.excluded]
+            found, failures = discover_partitions(grid, new, task.num_supernodes, server.node_timeout,
+                                                  {n: p for n, p in self.partition_of.items() if n in online},
+                                                  strict=not self.partition_of)
+            taken = set(found.values())
+            self.partition_of = {n: p for n, p in self.partition_of.items() if p not in taken} | found
+            self.excluded.update(f["node"] for f in failures)  # silent or replaced: never asked again
+            record["failures"].extend(failures)
+            self._online = online
+            self._node_of = {p: n for n, p in self.partition_of.items() if n in online}
+        # else every connected node is already in partition_of or excluded (a node asked last time either answered
+        # or is excluded, and so is a replaced one), so nothing would be asked and the mapping is the same
         self._t0 = time.perf_counter()  # the round's clock starts after the one-off node discovery
-        node_of = {p: n for n, p in self.partition_of.items() if n in online}
+        node_of = self._node_of
         chosen = sample_partitions(node_of, task.num_supernodes, server.fraction_train, task.seed,
                                    server_round) if node_of else []
         train_config = task.train_config(record["lr"], server_round)

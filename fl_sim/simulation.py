@@ -308,7 +308,8 @@ def run(cfg: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | Non
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        out["run_dir"] = run_server(path.grid(grid, int(cfg["num-supernodes"])), cfg, on_round=on_round, stop=STOP.is_set, resume=resume)
+        out["run_dir"] = run_server(path.grid(grid, int(cfg["num-supernodes"])), cfg, on_round=on_round,
+                                    stop=STOP.is_set, resume=resume)
 
     with tempfile.TemporaryDirectory(prefix="fl-sim-app-") as app_dir:
         Path(app_dir, "pyproject.toml").write_text(APP_PYPROJECT + pyproject_block(cfg))

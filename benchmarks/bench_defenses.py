@@ -11,9 +11,10 @@ sequential, so their ratios mean something only on an otherwise idle machine.
     PYTHONPATH=$PWD python benchmarks/bench_defenses.py [--rounds 30] [--clients 10] [--simulation]
 
 Target: <= 5 % overhead, except for defenses that inherently need more (printed with the reason). The in-process
-round of a B = 1 LeNet is only ~10 ms of compute per client, so an elementwise pass over the gradient already shows
+round of a B = 1 LeNet is only ~1-3 ms of compute per client, so an elementwise pass over the gradient already shows
 as 10-30 % there; "added ms" is the absolute cost per round (10 clients), to be set against a real round
-(``fl-sim run`` default: ~0.65 s on an idle 2-core machine, mostly Flower/Ray messaging).
+(2026-12-02, idle 2-core machine: ~40 ms in this benchmark, 37-48 ms in ``benchmarks/bench_main.py``'s in-process
+simulation, 64-73 ms from the ``fl-sim run`` CLI; the rest is Flower/Ray messaging, docs/performance.md).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ The same keys are Flower's run config (``[tool.flwr.app.config]`` in ``pyproject
 --run-config``, ``context.run_config``) and ``fl-sim run KEY=VALUE`` arguments. Nobody writes the table by hand:
 :func:`key_table` merges what each layer declares — the task (:data:`fl_sim.task.config.TASK_KEYS`), the server
 (:data:`strategies.config.SERVER_KEYS`), the clients (:data:`clients.config.CLIENT_KEYS`), every registered
-defense and attack — and the two keys of the run directory (:data:`RUN_KEYS`). ``fl-sim keys --toml`` prints the
-``pyproject.toml`` block from it and a test checks the two agree.
+defense and attack — and the roof's keys (:data:`RUN_KEYS`: the run directory, the simulation backend).
+``fl-sim keys --toml`` prints the ``pyproject.toml`` block from it and a test checks the two agree.
 
 A resolved config is a plain ``dict[str, bool | int | float | str]`` holding every key. Errors are
 :class:`ConfigError` with a one-line message naming the key, the value and what is allowed.
@@ -30,10 +30,14 @@ from fl_sim.task.models import build_model
 from fl_sim.task.partition import partitions
 from strategies.config import SERVER_KEYS, ServerSpec
 
-#: Where a run writes its directory (the roof's own keys).
+#: The roof's own keys: where a run writes its directory, and how ``fl-sim run`` simulates it.
 RUN_KEYS: dict[str, Key] = {
     "out-dir": Key("runs", "folder that receives the run directory"),
     "run-name": Key("", "run directory name (empty = timestamp and settings)"),
+    "sim-backend": Key("ray", "fl-sim run's simulation backend: ray (Flower's: one Ray actor per client-num-cpus "
+                              "cores, clients in parallel) or inprocess (the clients one after another in the "
+                              "driver's process: no Ray start-up; flwr run always uses Ray)",
+                       choices=("inprocess", "ray")),
 }
 
 

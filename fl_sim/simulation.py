@@ -1,4 +1,4 @@
-"""Run the fl-sim ServerApp and ClientApp in-process on Flower's Simulation Engine (Ray backend).
+"""Run the fl-sim ServerApp and ClientApp in-process on Flower's Simulation Engine (Ray backend, or in-process).
 
 ``fl-sim run`` is the in-process twin of ``flwr run . local``: the same apps, the same run-config keys, the same
 ``context.run_config`` on server and clients. Flower's public ``run_simulation`` passes no run config (its
@@ -21,6 +21,10 @@ polling loops of Flower 1.42's simulation engine for the duration of a run (:cla
 reaches the actors at once instead of at the engine's next 0.1 s scan over every node, and the ServerApp wakes when
 a reply is stored instead of at its next poll. What the clients compute, and so every result, is unchanged.
 
+``sim-backend=inprocess`` swaps Ray's backend for :class:`InProcessBackend` (the ClientApp calls in this process,
+one after another): no Ray start-up, and cheaper messages on a machine with few cores; Ray's stays the default
+(clients in parallel, process isolation, GPU shares).
+
 Ctrl-C: the ServerApp stops after the current round (everything written so far is kept, ``summary.json`` says
 ``interrupted``); Ray is shut down before :func:`run` returns, so no process is left behind.
 """
@@ -35,19 +39,23 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 import logging  # noqa: E402
+import pickle  # noqa: E402
 import queue  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 from collections.abc import Callable, Iterable, Iterator, Mapping  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
+from contextlib import contextmanager, nullcontext  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import ray  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.server.superlink.fleet.vce import vce_api  # noqa: E402
+from flwr.server.superlink.fleet.vce.backend import Backend  # noqa: E402
+from flwr.simulation.ray_transport.ray_actor import ClientAppException  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.simulation.run_simulation import _run_simulation  # noqa: E402
 from flwr.supercore.date import now  # noqa: E402
@@ -108,6 +116,97 @@ def init_ray(init_args: Mapping[str, Any]) -> None:
         path = f"{path}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = path
     ray.init(**dict(init_args))
+
+
+def _copy(obj: Any) -> Any:
+    """A copy of ``obj`` by a pickle round trip: what Ray's serialisation hands an actor and returns from it."""
+    return pickle.loads(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+class InProcessBackend(Backend):
+    """A Flower simulation backend that runs each ClientApp call in the driver's process, one after another
+    (``sim-backend=inprocess``).
+
+    Flower 1.42's simulation engine (``flwr.server.superlink.fleet.vce``) runs a ClientApp through a backend's
+    ``process_message(message, context) -> (reply, context)``; its only backend is Ray's (``RayBackend``: a pool of
+    ``ClientAppActor`` processes, ``client-num-cpus`` cores each). This one does what a ``ClientAppActor`` does
+    (``ClientAppActor.run``: load the app, call it, wrap its exceptions in ``ClientAppException``, which the engine
+    turns into an error reply) in the engine's single worker thread, on copies of the message and the context made
+    the way Ray's serialisation makes them (a pickle round trip in and out), so a client never shares an object with
+    the server or with another client. What a client computes is unchanged: the same ClientApp, the same message
+    contents, the same secrets (read from this process's environment, which Ray's workers would have inherited),
+    and ``client-num-cpus`` torch threads during the call (the ClientApp sets them; the driver's own are restored
+    after each call, so the ServerApp's evaluation and attacks keep theirs).
+
+    What it changes (docs/performance.md): no Ray start-up (2–3 s and two actor processes importing torch and the
+    ClientApp), no serialisation through Ray's object store and no contention between actor processes; but the
+    clients run sequentially on this process's cores (Ray runs ``cores / client-num-cpus`` at once), and
+    ``client-num-gpus`` is not a reservation here (every client uses this process's current CUDA device).
+    """
+
+    def __init__(self, backend_config: Mapping[str, Any] | None = None) -> None:
+        super().__init__(dict(backend_config or {}))
+        self.app_fn: Callable[[], ClientApp] | None = None
+
+    def build(self, app_fn: Callable[[], ClientApp]) -> None:
+        """Keep the function that loads the ClientApp (nothing else to start)."""
+        self.app_fn = app_fn
+
+    @property
+    def num_workers(self) -> int:
+        """One: the engine runs one worker thread, so the ClientApp calls never overlap."""
+        return 1
+
+    def is_worker_idle(self) -> bool:
+        return True
+
+    def terminate(self) -> None:
+        """Nothing to stop."""
+
+    def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
+        """Run the ClientApp on a copy of ``message`` and ``context``; return copies of its reply and the context.
+
+        Raises:
+            ValueError: :meth:`build` was not called.
+            ClientAppException: the ClientApp raised (the engine replies with Flower's error message, as for Ray).
+        """
+        if self.app_fn is None:
+            raise ValueError("Unspecified function to load a ClientApp; call build() first")
+        message, context = _copy(message), _copy(context)
+        threads = torch.get_num_threads()
+        try:
+            app = self.app_fn()
+            try:
+                reply = app(message=message, context=context)
+            except Exception as exc:
+                raise ClientAppException(str(exc)) from exc
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+        return _copy(reply), _copy(context)
+
+
+#: ``sim-backend`` → whether ``fl-sim run`` starts Ray for it.
+BACKENDS = {"ray": True, "inprocess": False}
+
+
+@contextmanager
+def in_process_backend(backend_config: Mapping[str, Any]) -> Iterator[None]:
+    """While the block runs, Flower's simulation engine uses :class:`InProcessBackend` instead of Ray's.
+
+    Flower 1.42's ``vce_api.start_vce`` always builds a ``RayBackend`` and hands its factory to ``vce_api.run_api``;
+    the wrapper installed here replaces that factory (a private part of flwr 1.42.0, pinned).
+    """
+    saved = vce_api.run_api
+
+    def run_api(app_fn: Any, backend_fn: Any, *args: Any, **kwargs: Any) -> None:
+        saved(app_fn, lambda: InProcessBackend(backend_config), *args, **kwargs)
+
+    vce_api.run_api = run_api
+    try:
+        yield
+    finally:
+        vce_api.run_api = saved
 
 
 class MessagePath:
@@ -319,17 +418,20 @@ def run(cfg: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | Non
                                                     "PYTHONPATH")}
         os.environ[client_secrets.SECRET_ENV] = str(secret)
         os.environ[client_state.STATE_DIR_ENV] = str(clients_dir)
-        _shutdown_ray()  # a Ray left running would keep workers started without this environment
         backend = backend_config(cfg)
+        uses_ray = BACKENDS[str(cfg.get("sim-backend", "ray"))]
+        if uses_ray:
+            _shutdown_ray()  # a Ray left running would keep workers started without this environment
         try:
-            init_ray(backend["init_args"])  # Flower's backend then uses this Ray as it is
-            with path.installed():
+            if uses_ray:
+                init_ray(backend["init_args"])  # Flower's backend then uses this Ray as it is
+            with path.installed(), (nullcontext() if uses_ray else in_process_backend(backend)):
                 _run_simulation(
                     num_supernodes=int(cfg["num-supernodes"]),
                     exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                     client_app=client_app,
                     server_app=server_app,
-                    backend_name="ray",
+                    backend_name=str(cfg.get("sim-backend", "ray")),
                     backend_config=backend,
                     server_app_context=context,
                     app_dir=app_dir,
@@ -340,7 +442,8 @@ def run(cfg: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | Non
             STOP.set()  # the ServerApp thread stops waiting for replies that will not come
             raise
         finally:
-            _shutdown_ray()
+            if uses_ray:
+                _shutdown_ray()
             for k, v in saved_env.items():
                 if v is None:
                     os.environ.pop(k, None)

@@ -98,3 +98,63 @@ def test_simulation_trains_exactly_like_a_plain_pytorch_loop(small_run):
     cfg = tomllib.loads((out / "config.toml").read_text())
     _, acc = bench.plain_loop(cfg, load_run_secret(out))  # the clients' draws need the run's client secret
     assert json.loads((out / "summary.json").read_text())["final_accuracy"] == pytest.approx(acc, abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def inprocess_run(small_run):
+    """The small run again with ``sim-backend=inprocess`` and the Ray run's client secret."""
+    from clients.secrets import load_run_secret
+
+    ray_out, _ = small_run
+    out = ray_out.parent / "inprocess"
+    exe = Path(sys.executable).with_name("fl-sim")
+    proc = subprocess.run(
+        [str(exe), "run", "num-supernodes=2", "num-server-rounds=2", "attack-every=1", "attack-iterations=60",
+         "round-timeout=120", "sim-backend=inprocess", "--client-secret", str(load_run_secret(ray_out)),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **dict([RUN_MARK.split("=", 1)])},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_inprocess_backend_gives_the_ray_runs_results(small_run, inprocess_run):
+    """The same run on the in-process backend: the same final model bit for bit, the same client metrics and the
+    same attack scores as on Ray (only the times differ)."""
+    import torch
+
+    ray_out, _ = small_run
+    a = torch.load(ray_out / "final_model.pt", weights_only=True)
+    b = torch.load(inprocess_run / "final_model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (ray_out, inprocess_run))
+    assert sb["status"] == "completed" and sb["final_accuracy"] == sa["final_accuracy"]
+    scores = ("round", "client", "psnr", "ssim", "mse", "label_accuracy", "psnr_chance", "ssim_chance")
+    assert [{k: x[k] for k in scores} for x in sb["attacks"]] == [{k: x[k] for k in scores} for x in sa["attacks"]]
+
+    def clients(d):
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        return [sorted((c["partition_id"], c["num_examples"], c["train_loss"]) for c in r["clients"]) for r in rows]
+
+    assert clients(inprocess_run) == clients(ray_out)
+    assert tomllib.loads((inprocess_run / "config.toml").read_text())["sim-backend"] == "inprocess"
+    assert marked_ray_daemons() == []
+
+
+def test_inprocess_backend_never_starts_ray(tmp_path, monkeypatch):
+    """``sim-backend=inprocess`` runs the federation without Ray: ``ray.init`` is never called."""
+    import ray
+
+    from fl_sim import simulation as sim
+    from fl_sim.config import resolve
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("ray.init called by an in-process simulation")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(sim, "init_ray", no_ray)
+    cfg = resolve({"num-supernodes": 2, "num-server-rounds": 1, "attack-every": 0, "sim-backend": "inprocess",
+                   "device": "cpu", "out-dir": str(tmp_path), "run-name": "inproc"})
+    run_dir = sim.run(cfg, client_secret=7)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert not ray.is_initialized()

@@ -15,7 +15,7 @@ from fl_sim.task.keys import ConfigError, Value
 #: Keys a cell's resolved config may differ in from a finished cell's ``config.toml`` without making it another
 #: experiment: where it is written, and how it is run.
 RUNTIME_KEYS = frozenset({"out-dir", "run-name", "client-num-cpus", "client-num-gpus", "round-timeout",
-                          "node-timeout"})
+                          "node-timeout", "sim-backend"})
 #: Keys the sweep sets itself; a sweep file must not.
 SWEEP_KEYS = frozenset({"out-dir", "run-name"})
 _TOP = ("sweep", "base", "axes")

@@ -8,14 +8,17 @@ Usage::
 
     python benchmarks/bench_main.py [ROUNDS] [CLIENTS] [--no-attacks]     # defaults: 100 rounds, 10 clients
 
-The last line is one JSON object with the headline figures: the per-round ratio (issue 13 target <= 1.5x), the
+Both simulation backends run (``sim-backend=ray``, the default, then ``inprocess``), between two runs of the plain
+loop, whose rounds are pooled (this machine's speed drifts by up to 2x between runs). The last line is one JSON
+object with the headline figures — unprefixed for Ray, ``inprocess_...`` for the in-process backend: the per-round
+ratio (issue 13 target <= 1.5x), the
 start-up before round 1 (issue 13 target <= 5 s): ``startup_s`` from ``fl_sim.simulation.run``'s call to the start
 of round 1 (Ray, the actors and their imports, node registration, ``query.whoami``, the initial evaluation) and
 ``startup_process_s``, that plus importing ``fl_sim.simulation`` in a fresh interpreter (what ``fl-sim run`` pays
 before it); ``teardown_s`` from the end of the last round to ``run``'s return (final model, report, Flower's engine
 and Ray shutting down); ``outside_rounds_s`` the wall time less the sum of the round times (start-up, every central
-evaluation, teardown: what earlier versions called start-up); and both final accuracies (equal: the simulation
-trains exactly like the plain loop).
+evaluation, teardown: what earlier versions called start-up); and the final accuracies (equal: the simulation
+trains exactly like the plain loop, on either backend).
 """
 
 from __future__ import annotations
@@ -156,30 +159,44 @@ def main() -> None:
     cfg = resolve({"num-server-rounds": rounds, "num-supernodes": clients, "attack-every": 0, "device": "cpu"})
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}; {clients} clients, {rounds} rounds, "
           f"{cfg['model']}, {cfg['mode']} B={cfg['batch-size']}")
+    # the plain loop before and after the two simulations: this machine's speed drifts between runs, so its rounds
+    # are pooled from both sides of them
     plain_rounds: list[float] = []
     plain_evals: list[float] = []
     t_plain, acc_plain = plain_loop(cfg, client_secret=0, round_s=plain_rounds, eval_s=plain_evals)
+    sims = {backend: simulation(dict(cfg, **{"sim-backend": backend}), client_secret=0)
+            for backend in ("ray", "inprocess")}
+    t_plain2, acc_plain2 = plain_loop(cfg, client_secret=0, round_s=plain_rounds, eval_s=plain_evals)
     plain_round = float(np.median(plain_rounds))
-    t_sim, acc_sim, steady, rounds_s, phases = simulation(cfg, client_secret=0)
+    t_plain = min(t_plain, t_plain2)
     imports = import_seconds()
-    print(f"plain PyTorch loop: {t_plain:7.2f} s  (final accuracy {acc_plain:.4f})")
-    print(f"Flower simulation:  {t_sim:7.2f} s  (final accuracy {acc_sim:.4f}; Ray start-up included)")
-    print(f"ratio simulation / plain loop: {t_sim / t_plain:.1f}x overall; per round (medians of training and "
-          f"FedAvg without the central evaluation, the simulation's after round 1, the plain loop's without its "
-          f"set-up): {steady * 1e3:.1f} ms vs {plain_round * 1e3:.1f} ms = {steady / plain_round:.2f}x "
-          f"(the plain loop's evaluation: {float(np.median(plain_evals)) * 1e3:.1f} ms a round)")
-    outside = t_sim - rounds_s
-    print(f"start-up before round 1: {phases['startup_s']:.2f} s from run()'s call, "
-          f"{phases['startup_s'] + imports:.2f} s with the {imports:.2f} s import of fl_sim.simulation; "
-          f"teardown after the last round {phases['teardown_s']:.2f} s; wall time less the {rounds} round times "
-          f"(start-up, evaluations, teardown) {outside:.2f} s")
+    print(f"plain PyTorch loop: {t_plain:7.2f} s  (final accuracy {acc_plain:.4f}; the faster of its two runs, "
+          f"{acc_plain2:.4f} in the other)")
     result = {"bench": "main", "rounds": rounds, "clients": clients, "plain_round_ms": round(plain_round * 1e3, 2),
-              "plain_eval_ms": round(float(np.median(plain_evals)) * 1e3, 2),
-              "sim_round_ms": round(steady * 1e3, 2), "round_ratio": round(steady / plain_round, 3),
-              "overall_ratio": round(t_sim / t_plain, 3), "startup_s": round(phases["startup_s"], 2),
-              "startup_process_s": round(phases["startup_s"] + imports, 2), "import_s": round(imports, 2),
-              "teardown_s": round(phases["teardown_s"], 2), "outside_rounds_s": round(outside, 2),
-              "final_accuracy_plain": acc_plain, "final_accuracy_sim": acc_sim}
+              "plain_eval_ms": round(float(np.median(plain_evals)) * 1e3, 2), "import_s": round(imports, 2),
+              "final_accuracy_plain": acc_plain}
+    for backend, (t_sim, acc_sim, steady, rounds_s, phases) in sims.items():
+        prefix = "" if backend == "ray" else "inprocess_"
+        print(f"Flower simulation, sim-backend={backend}: {t_sim:7.2f} s  (final accuracy {acc_sim:.4f}; "
+              f"start-up included)")
+        print(f"  ratio simulation / plain loop: {t_sim / t_plain:.1f}x overall; per round (medians of training "
+              f"and FedAvg without the central evaluation, the simulation's after round 1, the plain loop's "
+              f"without its set-up): {steady * 1e3:.1f} ms vs {plain_round * 1e3:.1f} ms = "
+              f"{steady / plain_round:.2f}x (the plain loop's evaluation: "
+              f"{float(np.median(plain_evals)) * 1e3:.1f} ms a round)")
+        outside = t_sim - rounds_s
+        print(f"  start-up before round 1: {phases['startup_s']:.2f} s from run()'s call, "
+              f"{phases['startup_s'] + imports:.2f} s with the {imports:.2f} s import of fl_sim.simulation; "
+              f"teardown after the last round {phases['teardown_s']:.2f} s; wall time less the {rounds} round "
+              f"times (start-up, evaluations, teardown) {outside:.2f} s")
+        result.update({f"{prefix}sim_round_ms": round(steady * 1e3, 2),
+                       f"{prefix}round_ratio": round(steady / plain_round, 3),
+                       f"{prefix}overall_ratio": round(t_sim / t_plain, 3),
+                       f"{prefix}startup_s": round(phases["startup_s"], 2),
+                       f"{prefix}startup_process_s": round(phases["startup_s"] + imports, 2),
+                       f"{prefix}teardown_s": round(phases["teardown_s"], 2),
+                       f"{prefix}outside_rounds_s": round(outside, 2),
+                       f"final_accuracy_{prefix}sim": acc_sim})
     for attack in ("idlg", "dlg") if attacks else ():
         t, its, value = time_to_psnr(attack, cfg["model"])
         print(f"{attack} on {cfg['model']} (round-1 FedSGD update, B=1): 30 dB after {its} L-BFGS steps, "

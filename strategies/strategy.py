@@ -31,7 +31,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, 
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from attacker import AttackPayload
 from attacker.payload import AttackError, images_in_update, split_update
@@ -46,7 +45,7 @@ from strategies.config import AGGREGATE, ServerSpec
 from strategies.evaluator import chance_reference, probe_index, score_reconstruction, union_audit
 from strategies.faults import check_reply, discover_partitions, sample_partitions
 from strategies.metrics import chance_note
-from strategies.rounds import SentRound, cast_like, sent_round
+from strategies.rounds import SentRound, cast_like, fedavg_arrays, sent_round
 
 
 #: The aggregate's META entry holding the union's batch size (see :meth:`CuriousFedAvg.aggregate_reply`).
@@ -279,7 +278,7 @@ class CuriousFedAvg(FedAvg):
                     run = self.run_attack if target == "update" else self.run_probe
                     self._record["attacks"].append(run(server_round, victim))
                 attack_s = time.perf_counter() - t
-        arrays, metrics = super().aggregate_train(server_round, ok)
+        arrays, metrics = self._fedavg(ok)
         if arrays is not None:
             arrays = cast_like(arrays, self._sent.state)
         if arrays is not None and self.spec.step is not None:
@@ -287,6 +286,17 @@ class CuriousFedAvg(FedAvg):
         self._record["round_time_s"] = time.perf_counter() - self._t0 - attack_s
         self._record["attack_time_s"] = attack_s
         return arrays, metrics
+
+    def _fedavg(self, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower 1.42's ``FedAvg.aggregate_train``: its reply checks (``_check_and_log_replies``, a private
+        method of the pinned flwr), then the arrays' weighted mean by :func:`strategies.rounds.fedavg_arrays` (the
+        same bytes as Flower's ``aggregate_arrayrecords``, decoded faster) and its metrics aggregation."""
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        contents = [msg.content for msg in valid]
+        return (fedavg_arrays(contents, self.weighted_by_key),
+                self.train_metrics_aggr_fn(contents, self.weighted_by_key))
 
     # -- the attacker ------------------------------------------------------------------------------------------
     def pick_victim(self, replies: list[Message]) -> Message | None:
@@ -312,8 +322,7 @@ class CuriousFedAvg(FedAvg):
         evaluator reads, names the union of the replies' samples (:func:`strategies.evaluator.union_audit`);
         there is none unless every reply has one.
         """
-        arrays = cast_like(aggregate_arrayrecords([m.content for m in replies], self.weighted_by_key),
-                           self._sent.state)
+        arrays = cast_like(fedavg_arrays([m.content for m in replies], self.weighted_by_key), self._sent.state)
         sizes = [int(reply_metrics(m)[NUM_EXAMPLES]) for m in replies]
         batch = sum(min(int(self._sent.train_config.batch_size), n) for n in sizes)
         content = RecordDict({

@@ -139,9 +139,10 @@ class InProcessBackend(Backend):
     after each call, so the ServerApp's evaluation and attacks keep theirs).
 
     What it changes (docs/performance.md): no Ray start-up (2–3 s and two actor processes importing torch and the
-    ClientApp), no serialisation through Ray's object store and no contention between actor processes; but the
-    clients run sequentially on this process's cores (Ray runs ``cores / client-num-cpus`` at once), and
-    ``client-num-gpus`` is not a reservation here (every client uses this process's current CUDA device).
+    ClientApp), no Ray object store and no contention between actor processes; but the clients run sequentially on
+    this process's cores (Ray runs ``cores / client-num-cpus`` at once), a client that hangs delays every client
+    queued after it, ``client-num-gpus`` is not a reservation here (every client uses this process's current CUDA
+    device), and the clients share the driver's process (its module caches and environment) instead of actors'.
     """
 
     def __init__(self, backend_config: Mapping[str, Any] | None = None) -> None:

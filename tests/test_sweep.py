@@ -371,6 +371,7 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
             assert float(r[2]) > 0
     md = (out / "table.md").read_text()
     assert md.count("| PSNR |") == 2 and "| ART | ref |" in md
+    assert "they come from sim-backend = ray —" in md  # which backend the round times (ART) were measured on
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["accuracy-fashion-mnist.png", "montage-fashion-mnist.png", "privacy-utility.png"]
     for p in pngs:

@@ -83,10 +83,13 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
               "chance level in both PSNR and SSIM — a mean at chance can hide an attack that recovered the image. "
               "Means are over the attacks that succeeded; table.csv counts them (rows attacks succeeded, attacks, "
               "attacks at chance, attacks scored), and a row here shows them when some failed."]
+    backends = sorted({str(c["cfg"].get("sim-backend", "ray")) for c in cells})
     if base:
         lines.append(f"ART's baseline: the cells with {base[0]} = {base[1]} (\"ref\"); round 1 (worker start-up) "
                      "is left out of the round times. Round times measured while other work shares the machine "
-                     "are indicative only.")
+                     f"are indicative only; they come from sim-backend = {' and '.join(backends)}"
+                     + (" (mixed: the cells' ART are not comparable)" if len(backends) > 1 else "")
+                     + " — a shorter round (inprocess) makes a defense's fixed cost a larger share.")
     else:
         lines.append("ART: no baseline (sweep.baseline, default defense = none) in this sweep.")
     front = write_frontier(sweep_dir, cells, settings)

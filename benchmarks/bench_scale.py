@@ -11,6 +11,7 @@ round in <= 4 GB peak RSS summed over the processes, and a round time within 10 
 
     python benchmarks/bench_scale.py [--clients 100 1000] [--rounds 30] [--per-round 10]
     python benchmarks/bench_scale.py --full        # issue 13's figure: --clients 100 10000
+    python benchmarks/bench_scale.py --full --backend inprocess      # the same with sim-backend=inprocess
 
 The last line is one JSON object with the headline figures (the largest federation against the smallest).
 """
@@ -53,11 +54,11 @@ def rounds_done(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def bench(clients: int, rounds: int, per_round: int, workdir: Path) -> dict:
+def bench(clients: int, rounds: int, per_round: int, workdir: Path, backend: str = "ray") -> dict:
     run_dir = workdir / f"scale-{clients}"
     args = [str(Path(sys.executable).with_name("fl-sim")), "run", f"num-supernodes={clients}",
             f"num-server-rounds={rounds}", f"fraction-train={per_round / clients}", "attack-every=0",
-            "eval-every=10", "--out", str(run_dir)]
+            "eval-every=10", f"sim-backend={backend}", "--out", str(run_dir)]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     tracker = ProcessTracker()
     t0 = time.monotonic()
@@ -94,13 +95,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--per-round", type=int, default=10)
     parser.add_argument("--full", action="store_true", help="issue 13's figure: 100 and 10,000 clients")
+    parser.add_argument("--backend", choices=("ray", "inprocess"), default="ray", help="sim-backend of the runs")
     a = parser.parse_args()
     if a.full:
         a.clients = [100, 10000]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         for n in a.clients:
-            rows.append(bench(n, a.rounds, a.per_round, Path(tmp)))
+            rows.append(bench(n, a.rounds, a.per_round, Path(tmp), a.backend))
             print(json.dumps(rows[-1]), flush=True)
     print(f"\n{'clients':>8} {'rounds':>6} {'wall s':>8} {'to round 1 s':>12} {'round s':>8} {'peak RSS GB':>11} "
           f"{'peak PSS GB':>11} {'driver RSS GB 1st→last':>22}")
@@ -114,7 +116,7 @@ def main() -> None:
               f"{rows[-1]['peak_rss_gb'] / rows[0]['peak_rss_gb']:.2f}x; goal peak RSS < 4 GB: "
               f"{'met' if max(r['peak_rss_gb'] for r in rows) < 4 else 'NOT met'}")
     small, large = rows[0], rows[-1]
-    print(json.dumps({"bench": "scale", "clients": [r["clients"] for r in rows], "rounds": a.rounds,
+    print(json.dumps({"bench": "scale", "backend": a.backend, "clients": [r["clients"] for r in rows], "rounds": a.rounds,
                       "per_round": a.per_round, "peak_rss_gb": round(max(r["peak_rss_gb"] for r in rows), 3),
                       "peak_pss_gb": round(max(r["peak_pss_gb"] for r in rows), 3),
                       "round_s": [round(r["mean_round_s"], 4) for r in rows],

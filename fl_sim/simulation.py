@@ -187,10 +187,6 @@ class InProcessBackend(Backend):
         return _copy(reply), _copy(context)
 
 
-#: ``sim-backend`` → whether ``fl-sim run`` starts Ray for it.
-BACKENDS = {"ray": True, "inprocess": False}
-
-
 @contextmanager
 def in_process_backend(backend_config: Mapping[str, Any]) -> Iterator[None]:
     """While the block runs, Flower's simulation engine uses :class:`InProcessBackend` instead of Ray's.
@@ -420,7 +416,8 @@ def run(cfg: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | Non
         os.environ[client_secrets.SECRET_ENV] = str(secret)
         os.environ[client_state.STATE_DIR_ENV] = str(clients_dir)
         backend = backend_config(cfg)
-        uses_ray = BACKENDS[str(cfg.get("sim-backend", "ray"))]
+        backend_name = str(cfg.get("sim-backend", "ray"))
+        uses_ray = backend_name == "ray"
         if uses_ray:
             _shutdown_ray()  # a Ray left running would keep workers started without this environment
         try:
@@ -432,7 +429,7 @@ def run(cfg: Mapping[str, Any], on_round: Callable[[dict[str, Any]], None] | Non
                     exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                     client_app=client_app,
                     server_app=server_app,
-                    backend_name=str(cfg.get("sim-backend", "ray")),
+                    backend_name=backend_name,
                     backend_config=backend,
                     server_app_context=context,
                     app_dir=app_dir,

@@ -36,17 +36,23 @@ def marked_ray_daemons() -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sim") / "run"
+def run_small(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``fl-sim run`` of the small federation (2 clients, 2 rounds, attacked every round) into ``out``, marked with
+    :data:`RUN_MARK`; ``extra``: more arguments. Fails the test if the run fails."""
     exe = Path(sys.executable).with_name("fl-sim")
     proc = subprocess.run(
         [str(exe), "run", "num-supernodes=2", "num-server-rounds=2", "attack-every=1", "attack-iterations=60",
-         "round-timeout=120", "--out", str(out)],
+         "round-timeout=120", *extra, "--out", str(out)],
         capture_output=True, text=True, timeout=600, env={**os.environ, **dict([RUN_MARK.split("=", 1)])},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc
+    return proc
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "run"
+    return out, run_small(out)
 
 
 def test_two_clients_two_rounds_write_summary(small_run):
@@ -107,14 +113,7 @@ def inprocess_run(small_run):
 
     ray_out, _ = small_run
     out = ray_out.parent / "inprocess"
-    exe = Path(sys.executable).with_name("fl-sim")
-    proc = subprocess.run(
-        [str(exe), "run", "num-supernodes=2", "num-server-rounds=2", "attack-every=1", "attack-iterations=60",
-         "round-timeout=120", "sim-backend=inprocess", "--client-secret", str(load_run_secret(ray_out)),
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, **dict([RUN_MARK.split("=", 1)])},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_small(out, "sim-backend=inprocess", "--client-secret", str(load_run_secret(ray_out)))
     return out
 
 

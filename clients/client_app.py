@@ -34,7 +34,7 @@ from clients import secrets, state
 from clients.config import ClientSpec
 from clients.pipeline import client_update, keep_model, prepare_model
 from fl_sim.task import contract
-from fl_sim.task.arrays import to_arrays, to_state_dict
+from fl_sim.task.arrays import to_array_record, to_state_dict
 from fl_sim.task.contract import TrainConfig
 from fl_sim.task.datasets import load_dataset, on_device
 from fl_sim.task.keys import ConfigError
@@ -50,7 +50,7 @@ def _spec(items: tuple) -> ClientSpec:
 
 
 def _setup(context: Context) -> tuple[ClientSpec, int, int, torch.device]:
-    spec = _spec(tuple(sorted(context.run_config.items())))
+    spec = _spec(tuple(context.run_config.items()))  # the same order in every message of a run
     pid = int(context.node_config[contract.PARTITION_ID])
     nparts = int(context.node_config[contract.NUM_PARTITIONS])
     torch.set_num_threads(max(1, int(spec.client.num_cpus)))
@@ -187,7 +187,7 @@ def train(msg: Message, context: Context) -> Message:
                            context.state, secrets.once_seed(secret, task.seed),
                            secrets.round_seed(secret, task.seed, rnd), device)
     state.checkpoint(context, state_dir, rnd)
-    content = contract.train_reply(to_arrays(update.state), update.metrics, pid,
+    content = contract.train_reply(to_array_record(update.state), update.metrics, pid,
                                    update.sample_indices if task.audit else None)
     return Message(content=content, reply_to=msg)
 

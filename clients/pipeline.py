@@ -9,10 +9,11 @@ holds a second copy of the train config or of the local-steps rule (:class:`fl_s
 Per-message cost: building a model (LeNet: ~1–1.5 ms, a dummy forward included) is paid once per process and
 model, not per message. :func:`client_update` hands its model back (:func:`keep_model`) and the next
 :func:`prepare_model` for the same model, device and a defense without ``on_model`` reloads it when
-:func:`reusable` finds it as built (the same parameters, buffers and ``requires_grad`` flags, no hooks left on
-any module; gradients are dropped and train mode is set). The global arrays overwrite every parameter and buffer,
-so the client computes exactly what a freshly built model computes; a defense with ``on_model`` (FedKL) gets a
-freshly built model every time.
+:func:`reusable` finds it as built (the same parameter and buffer objects, shapes and ``requires_grad`` flags, no
+hooks left on any module; gradients are dropped and train mode is set), copying the global arrays straight into
+its tensors (:func:`load_global`, what ``load_state_dict`` does without its module recursion). The global arrays
+overwrite every parameter and buffer, so the client computes exactly what a freshly built model computes; a
+defense with ``on_model`` (FedKL) gets a freshly built model every time.
 
 ``send-buffers=false`` keeps the BatchNorm buffers on the client, as FedBN does (Li et al., ICLR 2021; only the
 buffers here, the BatchNorm affine parameters still travel): the reply carries the global buffers unchanged, the
@@ -63,6 +64,7 @@ class ClientUpdate:
 #: the signature it was built with (:func:`model_signature`).
 _KEPT: dict[tuple, tuple[nn.Module, tuple]] = {}
 _SIGNATURES: dict[int, tuple] = {}  # id(model) -> its signature when built
+_TARGETS: dict[int, dict[str, torch.Tensor]] = {}  # id(model) -> its tensors by state-dict key, for load_global
 
 
 def _model_key(spec: ClientSpec, device: torch.device) -> tuple:
@@ -71,21 +73,70 @@ def _model_key(spec: ClientSpec, device: torch.device) -> tuple:
 
 
 def model_signature(model: nn.Module) -> tuple:
-    """What :func:`reusable` compares: every parameter's and buffer's name, shape, dtype, device and
-    ``requires_grad``, and the module tree's names and types."""
-    return (tuple((n, type(m)) for n, m in model.named_modules()),
-            tuple((n, tuple(p.shape), p.dtype, p.device, p.requires_grad) for n, p in model.named_parameters()),
-            tuple((n, tuple(b.shape), b.dtype, b.device) for n, b in model.named_buffers()))
+    """What :func:`reusable` compares: every parameter's and buffer's name, identity, shape, dtype, device and
+    ``requires_grad``, and the module tree's names and types.
+
+    The identity (``id``) of each tensor object is part of it, so a parameter replaced by another of the same
+    shape (``module.weight = nn.Parameter(...)``) makes the model not reusable; the build-time tensors are kept
+    alive by :data:`_TARGETS` while the signature is, so their ids cannot be taken by new objects.
+    """
+    modules = list(model.named_modules())  # one walk of the tree; each module's own tensors, as registered
+    return (tuple((n, type(m)) for n, m in modules),
+            tuple((n, k, id(p), tuple(p.shape), p.dtype, p.device, p.requires_grad)
+                  for n, m in modules for k, p in m._parameters.items() if p is not None),
+            tuple((n, k, id(b), tuple(b.shape), b.dtype, b.device)
+                  for n, m in modules for k, b in m._buffers.items() if b is not None))
+
+
+#: ``_load_from_state_dict`` implementations that, for a state dict with exactly the model's keys and shapes, do
+#: nothing but ``tensor.copy_(value)`` under ``no_grad`` (``_NormBase``'s only adds a missing
+#: ``num_batches_tracked`` of an old checkpoint version, which a global model of the same build never lacks).
+_PLAIN_LOADERS = (nn.Module._load_from_state_dict, nn.modules.batchnorm._NormBase._load_from_state_dict)
+
+
+def _plain_targets(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """``model.state_dict(keep_vars=True)`` (the parameter and buffer objects themselves) when loading a state dict
+    into ``model`` is a plain ``copy_`` of each entry — no state-dict or load hooks on any module, and no module
+    whose ``_load_from_state_dict`` does more (:data:`_PLAIN_LOADERS`) — else ``None``."""
+    for m in model.modules():
+        if (m._state_dict_hooks or m._state_dict_pre_hooks or m._load_state_dict_pre_hooks
+                or m._load_state_dict_post_hooks or type(m)._load_from_state_dict not in _PLAIN_LOADERS):
+            return None
+    return dict(model.state_dict(keep_vars=True))
+
+
+def load_global(model: nn.Module, global_state: Mapping[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(global_state)`` (strict), as a plain copy into the model's tensors when this process
+    built ``model`` and loading it is such a copy (:func:`_plain_targets`).
+
+    The same values land in the same tensors as through ``load_state_dict`` (it runs ``param.copy_(input_param)``
+    under ``no_grad`` for every entry; ~0.06 ms of Python module recursion per LeNet message saved). Keys or shapes
+    that differ from the model's go through ``load_state_dict``, which raises its own error.
+
+    Raises:
+        RuntimeError: ``load_state_dict``'s, for missing or unexpected keys or a shape mismatch.
+    """
+    targets = _TARGETS.get(id(model))
+    if (targets is None or targets.keys() != global_state.keys()
+            or any(t.shape != global_state[k].shape for k, t in targets.items())):
+        model.load_state_dict(dict(global_state))
+        return
+    with torch.no_grad():
+        for k, t in targets.items():
+            t.copy_(global_state[k])
 
 
 def reusable(model: nn.Module, signature: tuple) -> bool:
     """Whether ``model`` is still as built: ``signature`` unchanged and no forward/backward hook on any module or
-    parameter."""
+    parameter, nor a state-dict or load hook on any module."""
     for m in model.modules():
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or m._state_dict_hooks or m._state_dict_pre_hooks or m._load_state_dict_pre_hooks
+                or m._load_state_dict_post_hooks):
             return False
-    if any(p._backward_hooks for p in model.parameters()):  # tensor hooks (``Tensor.register_hook``)
-        return False
+        # tensor hooks (``Tensor.register_hook``) on the module's own parameters
+        if any(p is not None and p._backward_hooks for p in m._parameters.values()):
+            return False
     return model_signature(model) == signature
 
 
@@ -108,7 +159,10 @@ def _model_for(spec: ClientSpec, device: torch.device) -> nn.Module:
     ds = DATASETS[spec.task.dataset]
     model = build_model(spec.task.model, ds.input_shape, ds.num_classes).to(device)
     _SIGNATURES.clear()  # only the newest model of this process is ever handed back
+    _TARGETS.clear()
     _SIGNATURES[id(model)] = model_signature(model)
+    if (targets := _plain_targets(model)) is not None:
+        _TARGETS[id(model)] = targets
     return model
 
 
@@ -128,7 +182,7 @@ def prepare_model(spec: ClientSpec, global_state: Mapping[str, torch.Tensor], st
         that is still as built (module docstring), that one reloaded.
     """
     model = _model_for(spec, device)
-    model.load_state_dict(dict(global_state))
+    load_global(model, global_state)
     if not spec.task.send_buffers and LOCAL_BUFFERS in state:
         model.load_state_dict(state[LOCAL_BUFFERS].to_torch_state_dict(), strict=False)
     t = time.perf_counter()

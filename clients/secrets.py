@@ -27,6 +27,7 @@ simulated fault, not a secret, and stays on the public seed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import secrets
@@ -57,7 +58,9 @@ def _word(x: int) -> int:
     return int(x) % 2**64
 
 
+@functools.lru_cache(maxsize=1024)
 def _draw(*words: int) -> int:
+    # cached: a pure function of its words, called for the same node and once-per-run seeds with every message
     return int(np.random.SeedSequence([_word(w) for w in words]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 

@@ -108,10 +108,11 @@ def local_train(model: nn.Module, data: Dataset, partition: np.ndarray, train_co
         defense_s += time.perf_counter() - t_def
     else:
         batches = batch_schedule(partition, train_config, rng)
-    names = [n for n, _ in model.named_parameters()]
-    params_list = list(model.parameters())
+    named = list(model.named_parameters())
+    names, params_list = [n for n, _ in named], [p for _, p in named]
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    model.train()
+    if not all(m.training for m in model.modules()):  # model.train(), whose setattr walk costs ~40 us, if needed
+        model.train()
     losses, info = [], {}
     x_all, y_all = on_device(data, "train", device)  # copied to the device once per process, not per round
     for step, idx in enumerate(batches):
@@ -134,6 +135,7 @@ def local_train(model: nn.Module, data: Dataset, partition: np.ndarray, train_co
             for p, g in zip(params_list, grads):
                 p.add_(g, alpha=-train_config.lr)
     used = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
-    loss_mean = float(np.mean(losses)) if losses else math.nan
+    # np.mean of one float64 is that float; skip NumPy's reduction set-up for FedSGD's single step
+    loss_mean = (losses[0] if len(losses) == 1 else float(np.mean(losses))) if losses else math.nan
     return TrainResult(train_config.num_examples(len(partition)), loss_mean, time.perf_counter() - t0,
-                       defense_s, len(batches), [int(i) for i in used], info)
+                       defense_s, len(batches), used.astype(np.int64, copy=False).tolist(), info)

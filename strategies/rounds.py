@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 
-from fl_sim.task.arrays import array_to_numpy
+from fl_sim.task.arrays import array_to_numpy, numpy_to_array, to_array_record, to_state_dict
 from fl_sim.task.contract import TrainConfig
 
 
@@ -43,7 +43,7 @@ def expected_arrays(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str
 def sent_round(server_round: int, arrays: ArrayRecord, train_config: TrainConfig,
                nodes: Mapping[int, int] | None = None, messages: list[Message] | None = None) -> SentRound:
     """A :class:`SentRound` for ``arrays`` sent with ``train_config`` to ``nodes``."""
-    return SentRound(server_round, {k: v.clone() for k, v in arrays.to_torch_state_dict().items()},
+    return SentRound(server_round, dict(to_state_dict(arrays)),  # fresh tensors, as to_torch_state_dict's
                      expected_arrays(arrays), train_config, dict(nodes or {}), list(messages or []))
 
 
@@ -73,10 +73,13 @@ def fedavg_arrays(records: list[RecordDict], weighting_metric_name: str) -> Arra
         for item in record.array_records.values():
             for key, value in item.items():
                 if key not in out:
-                    out[key] = array_to_numpy(value) * factor
+                    out[key] = array_to_numpy(value, copy=False) * factor
                 else:
-                    out[key] += array_to_numpy(value) * factor
-    return ArrayRecord({k: Array(np.asarray(v)) for k, v in out.items()})
+                    out[key] += array_to_numpy(value, copy=False) * factor
+    record = ArrayRecord()  # Array(v)'s np.save bytes, without np.save per array (fl_sim.task.arrays)
+    for k, v in out.items():
+        record[k] = numpy_to_array(np.asarray(v))
+    return record
 
 
 def cast_like(arrays: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -86,7 +89,7 @@ def cast_like(arrays: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> Arr
     ``num_batches_tracked``, ``int64``) would come back as ``float64`` and every later reply — which carries the
     client's ``int64`` buffer — would fail the dtype check. Integer arrays are rounded, floating ones cast.
     """
-    state = arrays.to_torch_state_dict()
+    state = to_state_dict(arrays)  # to_torch_state_dict's tensors and ArrayRecord(out)'s bytes, converted faster
     out: dict[str, Any] = {}
     for k, v in state.items():
         ref = reference.get(k)
@@ -94,4 +97,4 @@ def cast_like(arrays: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> Arr
             out[k] = v
         else:
             out[k] = (v if ref.is_floating_point() else v.round()).to(ref.dtype)
-    return ArrayRecord(out)
+    return to_array_record(out)

@@ -252,6 +252,19 @@ def test_state_files_keep_the_latest_before_each_round_and_load_by_round(tmp_pat
     assert state.checkpoint(client_context({}, 0, 1), d, 10) is None  # an empty state is not written
 
 
+def test_a_directory_found_empty_is_not_listed_again_until_this_process_saves_there(tmp_path, monkeypatch):
+    d = tmp_path / "partition-0"
+    assert state.restore(client_context({}, 0, 1), d, 5) is None
+    assert d in state._NOTHING_SAVED
+    listed = []
+    monkeypatch.setattr(state, "saved_rounds", lambda directory: listed.append(directory) or [])
+    assert state.restore(client_context({}, 0, 1), d, 5) is None and not listed  # remembered, not listed
+    monkeypatch.undo()
+    state.save(d, 3, RecordDict({"c": ConfigRecord({"round": 3})}))  # forgets it
+    ctx = client_context({}, 0, 1)
+    assert state.restore(ctx, d, 5) == 3 and int(ctx.state["c"]["round"]) == 3
+
+
 def test_state_dir_from_node_config_or_environment(monkeypatch, tmp_path):
     monkeypatch.delenv(state.STATE_DIR_ENV, raising=False)
     assert state.state_dir(client_context({}, 3, 4), 3) is None

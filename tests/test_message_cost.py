@@ -141,3 +141,54 @@ def test_array_to_numpy_refuses_corrupt_bytes_like_flower():
             a.numpy()
         assert type(ours.value) is type(flowers.value)
     np.testing.assert_array_equal(array_to_numpy(good), good.numpy())
+
+
+def test_array_to_numpy_without_copy_is_a_read_only_view_of_the_same_values():
+    from fl_sim.task.arrays import array_to_numpy
+
+    for k, v in to_array_record(_state()).items():
+        view, copied = array_to_numpy(v, copy=False), array_to_numpy(v)
+        assert view.dtype == copied.dtype and view.shape == copied.shape, k
+        np.testing.assert_array_equal(view, copied)
+        assert copied.flags.writeable and not view.flags.writeable, k
+
+
+def test_load_global_copies_into_the_models_own_tensors_like_load_state_dict():
+    torch.manual_seed(0)
+    model = build_model("lenet", (1, 28, 28), 10)
+    reference = build_model("lenet", (1, 28, 28), 10)
+    pipeline._TARGETS[id(model)] = pipeline._plain_targets(model)
+    weight = model.fc.weight
+    g = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    pipeline.load_global(model, g)
+    reference.load_state_dict(g)
+    assert model.fc.weight is weight  # filled in place
+    for k, v in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # load_state_dict's own strictness
+        pipeline.load_global(model, {**g, "extra": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        pipeline.load_global(model, {**g, "fc.bias": torch.zeros(3)})
+    pipeline._TARGETS.clear()
+
+
+def test_a_model_whose_parameter_was_replaced_is_not_reused(fmnist):
+    spec = _spec()
+    g0 = {k: v.clone() for k, v in build_model("lenet", (1, 28, 28), 10).state_dict().items()}
+    pipeline._KEPT.clear()
+    _update(spec, g0, fmnist, 1)
+    kept, sig = next(iter(pipeline._KEPT.values()))
+    kept.fc.bias = torch.nn.Parameter(kept.fc.bias.detach().clone())  # same name, shape and dtype, a new object
+    assert not pipeline.reusable(kept, sig)
+    model, _ = pipeline.prepare_model(spec, g0, RecordDict(), 11, torch.device("cpu"))
+    assert model is not kept and torch.equal(model.fc.bias, g0["fc.bias"])
+
+
+def test_a_model_with_a_load_hook_is_not_reused(fmnist):
+    spec = _spec()
+    g0 = {k: v.clone() for k, v in build_model("lenet", (1, 28, 28), 10).state_dict().items()}
+    pipeline._KEPT.clear()
+    _update(spec, g0, fmnist, 1)
+    kept, sig = next(iter(pipeline._KEPT.values()))
+    kept.register_load_state_dict_post_hook(lambda module, keys: None)
+    assert not pipeline.reusable(kept, sig)

@@ -63,11 +63,17 @@ def _header_end(data: bytes) -> int:
     return 0
 
 
-def array_to_numpy(array: Array) -> np.ndarray:
+def array_to_numpy(array: Array, copy: bool = True) -> np.ndarray:
     """``array.numpy()`` (Flower's ``np.load`` of its bytes), with the header parsed once per distinct header.
 
+    Args:
+        array: a Flower ``Array``.
+        copy: ``False`` for a read-only view of the array's bytes where no decoding is needed (for reading the
+            values only: checks, sums), saving the copy.
+
     Returns:
-        A writable array of the dtype and shape in the header (a copy of the data).
+        An array of the dtype and shape in the header: a writable copy of the data, or with ``copy=False`` possibly
+        a read-only view of it.
     """
     if array.stype == _NPY:
         data = array.data
@@ -77,7 +83,8 @@ def array_to_numpy(array: Array) -> np.ndarray:
             dtype, shape = parsed
             count = math.prod(shape)
             if len(data) - end == count * dtype.itemsize:
-                return np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(shape).copy()
+                view = np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(shape)
+                return view.copy() if copy else view
     return array.numpy()
 
 
@@ -116,14 +123,11 @@ def numpy_to_array(a: np.ndarray) -> Array:
     return Array(dtype=str(a.dtype), shape=tuple(int(n) for n in a.shape), stype=_NPY, data=data)
 
 
-def to_arrays(state: Mapping[str, torch.Tensor]) -> dict[str, Array]:
-    """Key → ``Array`` of each tensor (moved to the CPU and detached first if needed), as ``ArrayRecord(state)``
-    holds them; what ``ArrayRecord(...)`` takes without converting again (it copies each ``Array`` object)."""
-    return {k: numpy_to_array(v.detach().cpu().numpy()) for k, v in state.items()}
-
-
 def to_array_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """``ArrayRecord(state)`` for CPU tensors, without ``np.save`` per tensor (see the module docstring).
+
+    The ``Array`` objects go into the record as they are (``record[key] = array``, Flower's checked item
+    assignment), not copied again as ``ArrayRecord(dict_of_arrays)`` copies each one.
 
     Args:
         state: key → tensor (moved to the CPU and detached first if needed).
@@ -131,4 +135,7 @@ def to_array_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     Returns:
         An ``ArrayRecord`` with one ``numpy.ndarray`` Array per key, in order.
     """
-    return ArrayRecord(to_arrays(state))
+    record = ArrayRecord()
+    for k, v in state.items():
+        record[k] = numpy_to_array(v.detach().cpu().numpy())
+    return record

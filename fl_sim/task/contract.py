@@ -147,11 +147,14 @@ def read_probe_request(content: RecordDict) -> tuple[TrainConfig, int]:
     return tc, int(content[PROBE_RECORD][SAMPLE_INDEX])
 
 
-def train_reply(state: Mapping[str, Any], metrics: Mapping[str, float | int], partition_id: int,
+def train_reply(state: Mapping[str, Any] | ArrayRecord, metrics: Mapping[str, float | int], partition_id: int,
                 sample_indices: list[int] | None) -> RecordDict:
-    """The content of a train reply (see the module docstring); ``sample_indices=None`` sends no audit record."""
+    """The content of a train reply (see the module docstring); ``sample_indices=None`` sends no audit record.
+
+    ``state`` is the outgoing model: an ``ArrayRecord``, used as it is, or what ``ArrayRecord(...)`` takes (a state
+    dict of tensors, or key → ``Array``)."""
     content = RecordDict({
-        ARRAYS: ArrayRecord(dict(state)),
+        ARRAYS: state if isinstance(state, ArrayRecord) else ArrayRecord(dict(state)),
         METRICS: MetricRecord(dict(metrics)),
         META: ConfigRecord({PARTITION_ID: int(partition_id)}),
     })

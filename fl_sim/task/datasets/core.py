@@ -10,6 +10,7 @@ Formats: IDX (LeCun's MNIST format, gzipped or not; :func:`read_idx`), CIFAR's p
 
 from __future__ import annotations
 
+import functools
 import gzip
 import pickle
 from dataclasses import dataclass, field
@@ -74,9 +75,15 @@ def to_tensor(
         t = x.to(device).permute(0, 3, 1, 2).float().div_(255.0)
     else:
         t = torch.as_tensor(np.ascontiguousarray(x), device=device).permute(0, 3, 1, 2).float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    m, s = _channel_stats(tuple(mean), tuple(std), str(torch.device(device)))
     return (t - m) / s
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` as ``float32 (1, C, 1, 1)`` tensors on ``device``, made once (never written to)."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1))
 
 
 #: Per-process copies of dataset splits on a device: ``(id(dataset), split, device) -> (dataset, x, y)`` (the

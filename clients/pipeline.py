@@ -96,11 +96,13 @@ _PLAIN_LOADERS = (nn.Module._load_from_state_dict, nn.modules.batchnorm._NormBas
 
 def _plain_targets(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """``model.state_dict(keep_vars=True)`` (the parameter and buffer objects themselves) when loading a state dict
-    into ``model`` is a plain ``copy_`` of each entry — no state-dict or load hooks on any module, and no module
-    whose ``_load_from_state_dict`` does more (:data:`_PLAIN_LOADERS`) — else ``None``."""
+    into ``model`` is a plain ``copy_`` of each entry — no state-dict or load hooks on any module, no module
+    whose ``_load_from_state_dict`` does more (:data:`_PLAIN_LOADERS`) and none with an extra state
+    (``get_extra_state``) — else ``None``."""
     for m in model.modules():
         if (m._state_dict_hooks or m._state_dict_pre_hooks or m._load_state_dict_pre_hooks
-                or m._load_state_dict_post_hooks or type(m)._load_from_state_dict not in _PLAIN_LOADERS):
+                or m._load_state_dict_post_hooks or type(m)._load_from_state_dict not in _PLAIN_LOADERS
+                or type(m).get_extra_state is not nn.Module.get_extra_state):
             return None
     return dict(model.state_dict(keep_vars=True))
 

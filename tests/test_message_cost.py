@@ -192,3 +192,16 @@ def test_a_model_with_a_load_hook_is_not_reused(fmnist):
     kept, sig = next(iter(pipeline._KEPT.values()))
     kept.register_load_state_dict_post_hook(lambda module, keys: None)
     assert not pipeline.reusable(kept, sig)
+
+
+def test_a_model_with_extra_state_is_loaded_by_load_state_dict():
+    class WithExtra(torch.nn.Linear):
+        def get_extra_state(self):
+            return {"tag": 1}
+
+        def set_extra_state(self, state):
+            self.tag = state["tag"]
+
+    model = torch.nn.Sequential(WithExtra(3, 2))
+    assert pipeline._plain_targets(model) is None
+    assert pipeline._plain_targets(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))) is not None

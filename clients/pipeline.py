@@ -34,7 +34,7 @@ from torch import nn
 
 from clients.config import ClientSpec
 from clients.defenses import ReplyContext
-from clients.training import local_train
+from clients.training import local_train, train_mode
 from fl_sim.task.contract import DEFENSE_TIME, NUM_EXAMPLES, TRAIN_LOSS, TRAIN_TIME, TrainConfig
 from fl_sim.task.datasets import DATASETS, Dataset
 from fl_sim.task.models import MODELS, batchnorm_buffers, build_model
@@ -94,14 +94,19 @@ def model_signature(model: nn.Module) -> tuple:
 _PLAIN_LOADERS = (nn.Module._load_from_state_dict, nn.modules.batchnorm._NormBase._load_from_state_dict)
 
 
+def _state_dict_hooks(m: nn.Module) -> bool:
+    """Whether module ``m`` itself has a state-dict or load hook."""
+    return bool(m._state_dict_hooks or m._state_dict_pre_hooks or m._load_state_dict_pre_hooks
+                or m._load_state_dict_post_hooks)
+
+
 def _plain_targets(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """``model.state_dict(keep_vars=True)`` (the parameter and buffer objects themselves) when loading a state dict
     into ``model`` is a plain ``copy_`` of each entry — no state-dict or load hooks on any module, no module
     whose ``_load_from_state_dict`` does more (:data:`_PLAIN_LOADERS`) and none with an extra state
     (``get_extra_state``) — else ``None``."""
     for m in model.modules():
-        if (m._state_dict_hooks or m._state_dict_pre_hooks or m._load_state_dict_pre_hooks
-                or m._load_state_dict_post_hooks or type(m)._load_from_state_dict not in _PLAIN_LOADERS
+        if (_state_dict_hooks(m) or type(m)._load_from_state_dict not in _PLAIN_LOADERS
                 or type(m).get_extra_state is not nn.Module.get_extra_state):
             return None
     return dict(model.state_dict(keep_vars=True))
@@ -133,8 +138,7 @@ def reusable(model: nn.Module, signature: tuple) -> bool:
     parameter, nor a state-dict or load hook on any module."""
     for m in model.modules():
         if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or m._state_dict_hooks or m._state_dict_pre_hooks or m._load_state_dict_pre_hooks
-                or m._load_state_dict_post_hooks):
+                or _state_dict_hooks(m)):
             return False
         # tensor hooks (``Tensor.register_hook``) on the module's own parameters
         if any(p is not None and p._backward_hooks for p in m._parameters.values()):
@@ -156,7 +160,7 @@ def _model_for(spec: ClientSpec, device: torch.device) -> nn.Module:
     if spec.defense.on_model is None and kept is not None and reusable(*kept):
         model = kept[0]
         model.zero_grad(set_to_none=True)
-        model.train()
+        train_mode(model)
         return model
     ds = DATASETS[spec.task.dataset]
     model = build_model(spec.task.model, ds.input_shape, ds.num_classes).to(device)

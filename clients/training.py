@@ -80,6 +80,12 @@ def batch_schedule(partition: np.ndarray, train_config: TrainConfig, rng: np.ran
     return batches
 
 
+def train_mode(model: nn.Module) -> None:
+    """``model.train()``, skipped when every module already trains (its ``setattr`` walk costs ~40 µs a call)."""
+    if not all(m.training for m in model.modules()):
+        model.train()
+
+
 def local_train(model: nn.Module, data: Dataset, partition: np.ndarray, train_config: TrainConfig,
                 defense: Defense, params: Any, state: RecordDict, seed: int, device: torch.device) -> TrainResult:
     """Train ``model`` in place on this client's partition for one round.
@@ -111,8 +117,7 @@ def local_train(model: nn.Module, data: Dataset, partition: np.ndarray, train_co
     named = list(model.named_parameters())
     names, params_list = [n for n, _ in named], [p for _, p in named]
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    if not all(m.training for m in model.modules()):  # model.train(), whose setattr walk costs ~40 us, if needed
-        model.train()
+    train_mode(model)
     losses, info = [], {}
     x_all, y_all = on_device(data, "train", device)  # copied to the device once per process, not per round
     for step, idx in enumerate(batches):

@@ -80,12 +80,18 @@ def test_a_reloaded_model_gives_the_fresh_models_update_bit_for_bit(defense, fmn
     assert not any(torch.equal(first.state[k], second.state[k]) for k in first.state if k.endswith("weight"))
 
 
-def test_a_model_with_hooks_left_on_is_not_reused(fmnist):
+def _kept_after_one_round(fmnist):
+    """``(spec, global state, kept model, its signature)`` after one round of a plain LeNet client."""
     spec = _spec()
     g0 = {k: v.clone() for k, v in build_model("lenet", (1, 28, 28), 10).state_dict().items()}
     pipeline._KEPT.clear()
     _update(spec, g0, fmnist, 1)
     kept, sig = next(iter(pipeline._KEPT.values()))
+    return spec, g0, kept, sig
+
+
+def test_a_model_with_hooks_left_on_is_not_reused(fmnist):
+    spec, g0, kept, sig = _kept_after_one_round(fmnist)
     assert pipeline.reusable(kept, sig)
     handle = next(kept.modules()).register_forward_hook(lambda m, i, o: None)
     assert not pipeline.reusable(kept, sig)
@@ -173,11 +179,7 @@ def test_load_global_copies_into_the_models_own_tensors_like_load_state_dict():
 
 
 def test_a_model_whose_parameter_was_replaced_is_not_reused(fmnist):
-    spec = _spec()
-    g0 = {k: v.clone() for k, v in build_model("lenet", (1, 28, 28), 10).state_dict().items()}
-    pipeline._KEPT.clear()
-    _update(spec, g0, fmnist, 1)
-    kept, sig = next(iter(pipeline._KEPT.values()))
+    spec, g0, kept, sig = _kept_after_one_round(fmnist)
     kept.fc.bias = torch.nn.Parameter(kept.fc.bias.detach().clone())  # same name, shape and dtype, a new object
     assert not pipeline.reusable(kept, sig)
     model, _ = pipeline.prepare_model(spec, g0, RecordDict(), 11, torch.device("cpu"))
@@ -185,11 +187,7 @@ def test_a_model_whose_parameter_was_replaced_is_not_reused(fmnist):
 
 
 def test_a_model_with_a_load_hook_is_not_reused(fmnist):
-    spec = _spec()
-    g0 = {k: v.clone() for k, v in build_model("lenet", (1, 28, 28), 10).state_dict().items()}
-    pipeline._KEPT.clear()
-    _update(spec, g0, fmnist, 1)
-    kept, sig = next(iter(pipeline._KEPT.values()))
+    _, _, kept, sig = _kept_after_one_round(fmnist)
     kept.register_load_state_dict_post_hook(lambda module, keys: None)
     assert not pipeline.reusable(kept, sig)
 

@@ -9,7 +9,8 @@ with the inner product and norms over all layers concatenated (per-layer weights
 variation ``TV(x) = mean|x[..., :, 1:] − x[..., :, :−1]| + mean|x[..., 1:, :] − x[..., :−1, :]|``. As in
 ``JonasGeiping/invertinggradients`` (``inversefed/reconstruction_algorithms.py``): ``x ~ N(0, I)``; each
 iteration replaces the gradient of ``x`` by its sign, takes an Adam step (lr 0.1), decays the step ×0.1 at 3/8,
-5/8 and 7/8 of the iterations (MultiStepLR), and projects ``x`` back into the box; ``R`` restarts keep the one with
+5/8 and 7/8 of the iterations (MultiStepLR; both written out in :func:`adam_step` and :func:`multistep_lrs`,
+the same floats as torch's), and projects ``x`` back into the box; ``R`` restarts keep the one with
 the lowest final objective. Labels are the analytic ones (:mod:`attacker.labels`), as the paper does when they are
 unknown.
 
@@ -99,6 +100,46 @@ def box(payload: AttackPayload, device: torch.device) -> tuple[torch.Tensor, tor
     return -mean / std, (1 - mean) / std
 
 
+#: Adam's defaults, as ``torch.optim.Adam`` (Kingma & Ba 2015): ``β1``, ``β2``, ``ε``.
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+
+
+def multistep_lrs(lr: float, milestones: list[int], gamma: float, iterations: int) -> list[float]:
+    """The learning rate of each of ``iterations`` steps under ``torch.optim.lr_scheduler.MultiStepLR``.
+
+    As the scheduler does (stepped once after every optimiser step): the rate of step ``i`` (0-based) is the rate
+    of step ``i − 1`` times ``gamma ** n``, ``n`` the number of times ``i`` appears in ``milestones`` (a milestone
+    0 already applies to the first step). The same Python float products, so the same floats.
+    """
+    counts = {m: milestones.count(m) for m in milestones}
+    out, cur = [], float(lr)
+    for i in range(iterations):
+        if i in counts:
+            cur = cur * gamma ** counts[i]
+        out.append(cur)
+    return out
+
+
+def adam_step(x: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
+              lr: float) -> None:
+    """One Adam step on ``x`` in place, with the moment buffers ``exp_avg``, ``exp_avg_sq`` (shaped like ``x``).
+
+    The arithmetic of ``torch.optim.Adam([x], lr)`` with its defaults (:data:`ADAM_BETAS`, :data:`ADAM_EPS`, no
+    weight decay, no AMSGrad): the same tensor operations in the same order, so the same floats as its
+    single-tensor path (the default on CPU; its ``foreach`` path on CUDA runs the same element-wise operations).
+    Written out because the optimiser object costs more than the step on an attack's one small tensor (its
+    ``step`` wrapper, hooks and ``param_groups``, plus a one-off ~0.8 s import of ``torch._dynamo`` on its first
+    construction in a process). ``step`` counts from 1.
+    """
+    beta1, beta2 = ADAM_BETAS
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step_f = float(step)
+    step_size = lr / (1 - beta1 ** step_f)
+    denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step_f) ** 0.5).add_(ADAM_EPS)
+    x.addcdiv_(exp_avg, denom, value=-step_size)
+
+
 def signed_adam(objective: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...], payload: AttackPayload,
                 budget: Budget, iterations: int, start: float, device: torch.device,
                 restarts: int | None = None, init_std: float = 1.0,
@@ -121,26 +162,21 @@ def signed_adam(objective: Callable[[torch.Tensor], torch.Tensor], shape: tuple[
     """
     lo, hi = box(payload, device)
     gen = torch.Generator().manual_seed(int(budget.seed))
-    milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+    lrs = multistep_lrs(LR, [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)], 0.1, iterations)
     best_x, best_obj, total = None, math.inf, 0
     for _restart in range(max(1, budget.restarts if restarts is None else restarts)):
-        x = (torch.randn(shape, generator=gen) * init_std).to(device).requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=LR)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+        x = (torch.randn(shape, generator=gen) * init_std).to(device).requires_grad_(value_and_grad is None)
+        exp_avg, exp_avg_sq = torch.zeros_like(x), torch.zeros_like(x)
         value = math.inf
         for it in range(iterations):
-            opt.zero_grad(set_to_none=True)
             if value_and_grad is not None:
-                loss, grad = value_and_grad(x.detach())
-                x.grad = grad
+                loss, grad = value_and_grad(x)
             else:
                 loss = objective(x)
-                (x.grad,) = torch.autograd.grad(loss, x)
-            x.grad.sign_()
-            opt.step()
-            sched.step()
+                (grad,) = torch.autograd.grad(loss, x)
             with torch.no_grad():
-                x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+                adam_step(x, grad.sign_(), exp_avg, exp_avg_sq, it + 1, lrs[it])
+                x.clamp_(lo, hi)
             total += 1
             if budget.progress is not None and it % 50 == 0:
                 value = float(loss.detach())

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from attacker import ATTACKS, AttackOptions, AttackPayload, Budget, images_in_update
-from attacker.ig import box, label_orders, step_plan, total_variation
+from attacker.ig import adam_step, box, label_orders, multistep_lrs, step_plan, total_variation
 from fl_sim.task.config import TaskConfig
 from fl_sim.task.contract import TrainConfig
 from fl_sim.task.datasets import denormalize, to_tensor
@@ -142,3 +142,27 @@ def test_total_variation_gradient_matches_autograd():
     value, grad = total_variation_and_grad(x)
     torch.testing.assert_close(value, total_variation(x))
     torch.testing.assert_close(grad, ref)
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3, 8, 40])
+def test_written_out_adam_is_torch_adam_with_multistep_lr_to_the_bit(iterations):
+    """IG's Adam step and learning-rate schedule reproduce torch.optim.Adam + MultiStepLR float for float, milestones
+    at 0 and repeated milestones (short budgets) included, on sign gradients as IG feeds them and on raw ones."""
+    milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+    gen = torch.Generator().manual_seed(iterations)
+    x0 = torch.randn(2, 3, 5, 5, generator=gen)
+    grads = [torch.randn(2, 3, 5, 5, generator=gen) * 10 ** float(k % 5 - 2) for k in range(iterations)]
+    for signed in (True, False):
+        ref = x0.clone().requires_grad_(True)
+        opt = torch.optim.Adam([ref], lr=0.1)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+        ours, m, v = x0.clone(), torch.zeros_like(x0), torch.zeros_like(x0)
+        lrs = multistep_lrs(0.1, milestones, 0.1, iterations)
+        for it, g in enumerate(grads):
+            g = g.sign() if signed else g
+            assert lrs[it] == opt.param_groups[0]["lr"]
+            ref.grad = g.clone()
+            opt.step()
+            sched.step()
+            adam_step(ours, g.clone(), m, v, it + 1, lrs[it])
+            assert torch.equal(ours, ref.detach()), (signed, it)

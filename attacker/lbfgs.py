@@ -45,6 +45,7 @@ class LBFGSState:
         self.m = m
         self.s, self.y = z((m, n)), z((m, n))
         self.sy, self.yy = z((m, m)), z((m, m))  # chronological: row/column i = i-th oldest pair
+        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None  # for the shift once the history is full
         self.k, self.head = 0, 0
         self.gamma = 1.0
         self.order = torch.zeros(0, dtype=torch.long, device=like.device)  # ring slots, oldest first
@@ -70,7 +71,10 @@ class LBFGSState:
         k, order = self.k, self.order
         s_all, y_all = self._rows()
         sy, yy = self.sy[:k, :k], self.yy[:k, :k]
-        r = torch.triu(sy)
+        # R is the upper triangle of SᵀY; the triangular solves read only that triangle (BLAS trsm), so they get
+        # SᵀY itself, made contiguous as torch.triu's result was (the same layout, so the same floats; triu's
+        # zeroing cost more than the solves on a 300 × 300 history)
+        r = sy if sy.is_contiguous() else sy.contiguous()
         gam = self.gamma
         t = torch.linalg.solve_triangular(r, p.unsqueeze(1), upper=True).squeeze(1)
         inner = torch.diagonal(sy) * t + gam * (yy @ t) - gam * q
@@ -94,9 +98,14 @@ class LBFGSState:
         pn, qn = self.products(g_new)
         sy_col, yy_col = pn - p_old, qn - q_old  # S y and Y y for the stored pairs
         m = self.m
-        if self.k == m:  # drop the oldest pair
-            self.sy[:-1, :-1] = self.sy[1:, 1:].clone()
-            self.yy[:-1, :-1] = self.yy[1:, 1:].clone()
+        if self.k == m:  # drop the oldest pair: shift SᵀY and YᵀY up-left by one into the spare buffers
+            if self._spare is None:
+                self._spare = (torch.empty_like(self.sy), torch.empty_like(self.yy))
+            sy_next, yy_next = self._spare
+            sy_next[:-1, :-1] = self.sy[1:, 1:]
+            yy_next[:-1, :-1] = self.yy[1:, 1:]
+            self._spare = (self.sy, self.yy)
+            self.sy, self.yy = sy_next, yy_next  # the last row and column are written below
             pn, qn, sy_col, yy_col, yd_step = pn[1:], qn[1:], sy_col[1:], yy_col[1:], yd_step[1:]
             slot = self.head
             self.head = (self.head + 1) % m

@@ -315,13 +315,22 @@ def _run_pending(pending: list[Cell], out: Path, groups: list[list[int]], result
         progress.update(task, completed=done + len(result.failed) + partial, done=done,
                         description=f"running: {names}" if names else "")
 
+    def wait_for_exit(timeout_s: float) -> None:
+        """Sleep up to ``timeout_s``, waking within :data:`REAP_SLICE_S` of a cell's exit, so that the next cell
+        starts on its core at once (``show`` reads the running cells' metrics, so it stays at ``poll_s``)."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if any(job.proc.poll() is not None for job in running.values()):
+                return
+            time.sleep(min(REAP_SLICE_S, max(0.0, end - time.monotonic())))
+
     with progress:
         try:
             while queue or running:
                 while queue and free:
                     start_cell(queue.popleft(), free.pop(0))
                 show()
-                time.sleep(poll_s)
+                wait_for_exit(poll_s)
                 reap()
             show()
         except KeyboardInterrupt:
@@ -341,6 +350,10 @@ def _run_pending(pending: list[Cell], out: Path, groups: list[list[int]], result
                 for job in list(running.values()):
                     job.proc.wait()
                 reap()
+
+
+#: How often the sweep checks for a finished cell between two progress updates (seconds).
+REAP_SLICE_S = 0.02
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -74,7 +74,7 @@ class LBFGSState:
         # R is the upper triangle of SᵀY; the triangular solves read only that triangle (BLAS trsm), so they get
         # SᵀY itself, made contiguous as torch.triu's result was (the same layout, so the same floats; triu's
         # zeroing cost more than the solves on a 300 × 300 history)
-        r = sy if sy.is_contiguous() else sy.contiguous()
+        r = sy.contiguous()  # itself when already contiguous (a full history)
         gam = self.gamma
         t = torch.linalg.solve_triangular(r, p.unsqueeze(1), upper=True).squeeze(1)
         inner = torch.diagonal(sy) * t + gam * (yy @ t) - gam * q

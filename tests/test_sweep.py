@@ -379,13 +379,26 @@ def test_smoke_sweep_end_to_end(smoke_sweep):
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
 
 
+def cell_process(cell_dir: Path) -> int:
+    """The pid of the cell writing ``cell_dir/cell.log``: the leader of its own session whose stdout is that log (a
+    subprocess's command line names ``fl_sim.cli run``; a cell forked from the cell host has the host's)."""
+    log = str(cell_dir / "cell.log")
+    for pid, sid, _ in processes():
+        try:
+            if pid == sid and os.readlink(f"/proc/{pid}/fd/1") == log:
+                return pid
+        except OSError:
+            continue
+    raise AssertionError(f"no process writes {log}")
+
+
 def kill_when_cell_runs(sweep: subprocess.Popen, cell_dir: Path, out: Path) -> int:
     """SIGKILL the sweep's process group once ``cell_dir``'s simulation has started; return the cell's pid."""
     deadline = time.time() + 300
     while not (cell_dir / "config.toml").exists():  # written by the cell's ServerApp: Ray is up
         assert sweep.poll() is None and time.time() < deadline, "the cell never started"
         time.sleep(0.1)
-    child = next(pid for pid, _, cmd in processes() if "fl_sim.cli run" in cmd and str(out) in cmd)
+    child = cell_process(cell_dir)
     os.killpg(sweep.pid, signal.SIGKILL)  # a crash: the sweep gets no chance to clean up
     sweep.wait()
     return child

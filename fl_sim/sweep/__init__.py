@@ -37,11 +37,14 @@ command again skips done cells, moves every other existing cell directory to ``a
 cell whose config differs from what the sweep file now asks (other than the runtime keys in
 :data:`RUNTIME_KEYS`) stops the sweep with an error rather than mixing two experiments in one table.
 
-Parallelism: ``--jobs N`` runs N cells at once as ``fl-sim run`` subprocesses. The cores this process may use are
-split into N disjoint groups; each cell is pinned to its group (CPU affinity, inherited by its Ray workers, and Ray
-is sized to it by :func:`fl_sim.simulation.backend_config`) and its ``client-num-cpus`` is capped to the group's
-size, so cells never compete for a core. When the sweep dies, its cells get SIGINT (``PR_SET_PDEATHSIG`` on
-Linux) and stop after their round as after a Ctrl-C; they hold the sweep's lock until they have exited.
+Parallelism: ``--jobs N`` runs N cells at once, each ``python -m fl_sim.cli run ...`` in its own process: forked
+from the cell host (:mod:`fl_sim.cellhost`, which has imported what that command imports), or a new interpreter
+with ``fork=False`` (``--fresh-processes``). The cores this process may use are split into N disjoint groups; each
+cell is pinned to its group (CPU affinity, inherited by its Ray workers, and Ray is sized to it by
+:func:`fl_sim.simulation.backend_config`) and its ``client-num-cpus`` is capped to the group's size, so cells never
+compete for a core. When the sweep dies, its cells get SIGINT (``PR_SET_PDEATHSIG`` on Linux; a forked cell's
+parent is the cell host, which exits with the sweep) and stop after their round as after a Ctrl-C; they hold the
+sweep's lock until they have exited.
 """
 
 from fl_sim.sweep.plan import Cell, cell_id, cell_states, is_done, plan

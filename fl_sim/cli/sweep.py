@@ -18,8 +18,8 @@ def sweep(
     retries: int = typer.Option(1, "--retries", help="times a failed cell is run again before the sweep ends"),
     fresh: bool = typer.Option(False, "--fresh-processes",
                                help="start every cell in a new interpreter instead of forking it from the cell "
-                                    "host that has imported torch, Flower and fl-sim once (same results; ~4 s more "
-                                    "per cell)"),
+                                    "host that has imported torch, Flower and fl-sim once (same results; 6-11 s more "
+                                    "per seed-001 cell here)"),
 ) -> None:
     """Run one simulation per cell of a grid of run keys (resumable), then write the seed-001 table and figures."""
     from fl_sim.sweep.runner import default_out, run_sweep

@@ -61,6 +61,13 @@ def _wait(proc, timeout_s=300.0):
     return proc.poll()
 
 
+def _gone(pid: int) -> bool:
+    try:
+        return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()  # a zombie: exited, not yet reaped
+    except OSError:
+        return True
+
+
 def test_start_forks_only_the_cli_command_with_the_host_settings(tmp_path):
     lock = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CREAT)
     env = runner.cell_env(dict(os.environ), 1, "x")
@@ -134,12 +141,12 @@ def test_a_forked_cell_stops_after_its_round_when_the_host_dies(tmp_path):
             assert cell.poll() is None and time.time() < deadline, (tmp_path / "cell.log").read_text()[-2000:]
             time.sleep(0.1)
         os.kill(forkserver._forkserver._forkserver_pid, 9)
-        time.sleep(0.5)
-        assert cell.poll() is None or not cell._alive()
-        code = cell.wait()
+        code = _wait(cell)  # multiprocessing knows at once that the host is gone; the runner waits for the cell
+        assert _gone(cell.pid)  # poll() reports a status only once the cell itself has exited
     finally:
         os.close(lock)
         runner._stop_host()
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] != "completed" and 0 < summary["rounds"] < 5000, summary["status"]
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    assert summary.get("status") != "completed"
+    assert 0 < len((run_dir / "metrics.jsonl").read_text().splitlines()) < 5000  # it stopped after a round
     assert code == 255  # what multiprocessing reports for a cell whose host is gone

@@ -78,6 +78,21 @@ def preload() -> None:
 
 
 _PR_SET_PDEATHSIG = 1
+_LIBC = None
+
+
+def parent_death_signal(sig: int) -> None:
+    """Have the kernel send ``sig`` to this process when its parent exits (Linux ``PR_SET_PDEATHSIG``; a no-op
+    elsewhere). Safe between fork and exec once libc is loaded (the first call in the parent loads it)."""
+    global _LIBC
+    if not sys.platform.startswith("linux"):
+        return
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    _LIBC.prctl(_PR_SET_PDEATHSIG, sig)
 
 
 def run_cell(argv: list[str], env: dict[str, str], cpus: list[int], sweep_pid: int, log_path: str,
@@ -101,13 +116,9 @@ def run_cell(argv: list[str], env: dict[str, str], cpus: list[int], sweep_pid: i
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cpus)
     host = os.getppid()
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import ctypes.util
-
-        # the host exits when the sweep dies (its pipe to the sweep closes): the cell then gets SIGINT and stops
-        # after its round, as a subprocess cell does when the sweep dies
-        ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGINT)
+    # the host exits when the sweep dies (its pipe to the sweep closes): the cell then gets SIGINT and stops after its
+    # round, as a subprocess cell does when the sweep dies
+    parent_death_signal(signal.SIGINT)
     try:
         os.kill(sweep_pid, 0)
         alive = os.getppid() == host

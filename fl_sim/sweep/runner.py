@@ -12,8 +12,6 @@ directory) therefore makes the same client draws; a new sweep directory gets new
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
 import json
 import os
 import re
@@ -102,19 +100,18 @@ def cell_secret(secret: int, cell_id: str) -> int:
     return client_secrets.child_secret(secret, f"sweep-cell:{cell_id}")
 
 
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
-_PR_SET_PDEATHSIG = 1
 
 
 def _child_setup(cpus: list[int], parent: int) -> Callable[[], None]:
     """Pin the cell to ``cpus`` and have it receive SIGINT when the sweep dies: ``fl-sim run`` then stops after
     the current round and shuts Ray down (a SIGTERM/SIGKILL would leave Ray's agent processes behind)."""
+    cellhost.parent_death_signal(0)  # loads libc now, not between fork and exec (0: no signal for the sweep)
+
     def setup() -> None:  # runs in the child between fork and exec: no imports, no allocation-heavy work
         if hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, cpus)
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a sweep started with `&` by a script ignores SIGINT
-        if _LIBC is not None:
-            _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGINT)
+        cellhost.parent_death_signal(signal.SIGINT)
         if os.getppid() != parent:  # the sweep died before prctl took effect
             os._exit(1)
     return setup
